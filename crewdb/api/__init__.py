@@ -1,0 +1,1 @@
+"""The gRPC layer: servicers, interceptors, and conversions between protobuf and domain types."""

@@ -1,0 +1,91 @@
+"""The `crewdb` command: `serve` and admin subcommands; the only module that reads the environment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from crewdb.config import ConfigError, Settings
+from crewdb.db.engine import create_engine, sqlite_url
+from crewdb.db.migrate import migrate
+from crewdb.errors import CrewdbError
+from crewdb.server import StartupError, serve
+
+log = logging.getLogger("crewdb")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0 to 65535)")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crewdb",
+        description="crewdb: typed gRPC data service for AI-agent applications.",
+        epilog="Configuration comes from environment variables; see README.md.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_cmd = commands.add_parser("serve", help="migrate the database and serve gRPC")
+    serve_cmd.add_argument("--host", help="address to listen on (env CREWDB_HOST)")
+    serve_cmd.add_argument(
+        "--port", type=_port, help="port to listen on, 0 for any free one (env CREWDB_PORT)"
+    )
+    commands.add_parser("migrate", help="upgrade the database schema to this release")
+    return parser
+
+
+def configure_logging(level: int) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Alembic narrates every step at INFO; crewdb.db.migrate logs what matters.
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ if env is None else env)
+    except ConfigError as error:
+        print(f"crewdb: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.logging_level)
+
+    if args.command == "serve":
+        overrides = {name: value for name in ("host", "port") if (value := getattr(args, name)) is not None}
+        settings = settings.replace(**overrides)
+        try:
+            asyncio.run(serve(settings))
+        except StartupError as error:
+            log.error("%s", error)
+            return 1
+        return 0
+
+    if args.command == "migrate":
+        engine = create_engine(sqlite_url(settings.database_path))
+        try:
+            before, after = migrate(engine)
+        except CrewdbError as error:
+            log.error("%s", error.message)
+            return 1
+        finally:
+            engine.dispose()
+        print(f"database {settings.database_path}: {before or 'empty'} -> {after}")
+        return 0
+    raise AssertionError(args.command)  # argparse allows only the commands above
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Time for crewdb: a strictly increasing UTC clock and the one text format timestamps are stored in."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+# Fixed width (microseconds always present, `Z` suffix), so text order is time order in the
+# database and keyset pagination can compare timestamps as strings.
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+_ONE_MICROSECOND = timedelta(microseconds=1)
+
+
+def format_timestamp(moment: datetime) -> str:
+    """The stored form of a moment: `2026-12-03T16:43:09.123456Z`."""
+    return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Reads a stored timestamp, also the looser ISO-8601 forms older databases may hold.
+
+    Raises:
+        ValueError: the text is not an ISO-8601 timestamp.
+    """
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:  # the original application stored naive UTC times
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+class Clock:
+    """UTC wall clock whose readings never repeat or go backwards within this process.
+
+    Message order within a conversation is (timestamp, id); a strictly increasing clock keeps
+    that order equal to insertion order even when two messages land in the same microsecond or
+    the system clock steps back.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = datetime.min.replace(tzinfo=UTC)
+
+    def now(self) -> datetime:
+        with self._lock:
+            moment = datetime.now(UTC)
+            if moment <= self._last:
+                moment = self._last + _ONE_MICROSECOND
+            self._last = moment
+            return moment

@@ -1,0 +1,143 @@
+"""Settings: every knob crewdb has, read from the environment once, validated, then passed down."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; the message names each variable and value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The service's configuration. Build it with `from_env`; tests build it directly."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    database_path: Path = Path("./data/app.db")
+    vector_db_path: Path = Path("./data/vectordb")
+    chroma_host: str | None = None
+    chroma_port: int | None = None
+    # Never printed: repr=False keeps it out of logs and tracebacks.
+    jwt_secret: str | None = field(default=None, repr=False)
+    log_level: str = "INFO"
+    # Seconds between the health checker's `SELECT 1` probes.
+    health_check_interval: float = 5.0
+    # Threads that run read queries; writes always go through one writer thread.
+    db_read_threads: int = 4
+    # Seconds that in-flight calls get to finish on SIGTERM before they are cancelled.
+    shutdown_grace: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Reads the environment (or any mapping); raises ConfigError listing every bad value."""
+        parser = _Parser(env)
+        default = cls()
+        settings = cls(
+            host=parser.get("CREWDB_HOST", str, default.host, _non_empty),
+            port=parser.get("CREWDB_PORT", int, default.port, _port(allow_zero=True)),
+            database_path=parser.get("DATABASE_PATH", Path, default.database_path),
+            vector_db_path=parser.get("VECTOR_DB_PATH", Path, default.vector_db_path),
+            chroma_host=parser.get_optional("CHROMA_HOST", str, _non_empty),
+            chroma_port=parser.get_optional("CHROMA_PORT", int, _port(allow_zero=False)),
+            jwt_secret=parser.get_optional("JWT_SECRET", str),
+            log_level=parser.get("CREWDB_LOG_LEVEL", str.upper, default.log_level, _log_level),
+            health_check_interval=parser.get(
+                "CREWDB_HEALTH_CHECK_INTERVAL", float, default.health_check_interval, _positive
+            ),
+            db_read_threads=parser.get(
+                "CREWDB_DB_READ_THREADS", int, default.db_read_threads, _between(1, 64)
+            ),
+            shutdown_grace=parser.get("CREWDB_SHUTDOWN_GRACE", float, default.shutdown_grace, _non_negative),
+        )
+        if settings.chroma_port is not None and settings.chroma_host is None:
+            parser.errors.append("CHROMA_PORT is set but CHROMA_HOST is not: set both or neither")
+        if parser.errors:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(parser.errors))
+        return settings
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (command-line flags override the environment)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def logging_level(self) -> int:
+        return logging.getLevelNamesMapping()[self.log_level]
+
+
+Check = Callable[[T], str | None]
+
+
+class _Parser:
+    """Collects every problem instead of stopping at the first, so one run shows them all."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.errors: list[str] = []
+
+    def get(self, name: str, cast: Callable[[str], T], default: T, check: Check[T] | None = None) -> T:
+        value = self.get_optional(name, cast, check)
+        return default if value is None else value
+
+    def get_optional(self, name: str, cast: Callable[[str], T], check: Check[T] | None = None) -> T | None:
+        """The cast value, or None when unset, empty or invalid (then noted in `errors`)."""
+        raw = self.env.get(name)
+        if raw is None or raw == "":
+            return None
+        try:
+            value = cast(raw.strip())
+        except ValueError:
+            self.errors.append(f"{name}={raw!r}: expected {_type_name(cast)}")
+            return None
+        problem = check(value) if check else None
+        if problem:
+            self.errors.append(f"{name}={raw!r}: {problem}")
+            return None
+        return value
+
+
+def _type_name(cast: Callable[[str], object]) -> str:
+    names: dict[object, str] = {int: "an integer", float: "a number"}
+    return names.get(cast, "a valid value")
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value else "must not be empty"
+
+
+def _port(*, allow_zero: bool) -> Check[int]:
+    low = 0 if allow_zero else 1
+
+    def check(value: int) -> str | None:
+        return None if low <= value <= 65535 else f"expected a port number from {low} to 65535"
+
+    return check
+
+
+def _between(low: int, high: int) -> Check[int]:
+    def check(value: int) -> str | None:
+        return None if low <= value <= high else f"expected {low} to {high}"
+
+    return check
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 and value != float("inf") else "expected a number above 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if 0 <= value != float("inf") else "expected a number of 0 or more"
+
+
+def _log_level(value: str) -> str | None:
+    return None if value in LOG_LEVELS else f"expected one of {', '.join(LOG_LEVELS)}"

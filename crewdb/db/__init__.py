@@ -1,0 +1,1 @@
+"""Storage: the SQLAlchemy Core engine, schema, migrations and queries. Nothing else imports SQLAlchemy."""

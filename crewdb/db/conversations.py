@@ -1,0 +1,308 @@
+"""Queries over conversations and messages; each takes a Connection inside the caller's transaction."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.engine import Connection
+
+from crewdb.clock import format_timestamp, parse_timestamp
+from crewdb.db.schema import conversations, messages
+from crewdb.models import Conversation, JsonObject, Message, MessageRole
+
+# A position in an ordered listing: (timestamp text, id), compared as a tuple.
+Position = tuple[str, str]
+
+_CONVERSATION_COLUMNS = (
+    conversations.c.id,
+    conversations.c.title,
+    conversations.c.created_at,
+    conversations.c.updated_at,
+    conversations.c.message_count,
+)
+_MESSAGE_COLUMNS = (
+    messages.c.id,
+    messages.c.conversation_id,
+    messages.c.role,
+    messages.c.content,
+    messages.c.timestamp,
+    messages.c.metadata,
+)
+
+
+_ROLES = {role.value: role for role in MessageRole}
+
+
+def _conversation(row: Any) -> Conversation:  # a Row of _CONVERSATION_COLUMNS
+    conversation_id, title, created_at, updated_at, message_count = row[:5]
+    return Conversation(
+        id=conversation_id,
+        title=title or "",
+        created_at=parse_timestamp(created_at),
+        updated_at=parse_timestamp(updated_at),
+        message_count=message_count,
+    )
+
+
+def _message(row: Any) -> Message:  # a Row of _MESSAGE_COLUMNS
+    message_id, conversation_id, role, content, stamp, metadata = row
+    return Message(
+        id=message_id,
+        conversation_id=conversation_id,
+        role=_ROLES[role],
+        content=content,
+        timestamp=parse_timestamp(stamp),
+        metadata=json.loads(metadata) if metadata else None,
+    )
+
+
+def conversation_position(conversation: Conversation) -> Position:
+    return format_timestamp(conversation.updated_at), conversation.id
+
+
+def message_position(message: Message) -> Position:
+    return format_timestamp(message.timestamp), message.id
+
+
+# The statements behind the hot paths, built once: constructing a statement costs more than
+# SQLite takes to run it. Parameters are bound per call; `p_` names keep them apart from
+# column names in INSERT/UPDATE.
+_GET_CONVERSATION = select(*_CONVERSATION_COLUMNS).where(conversations.c.id == bindparam("p_id"))
+_CONVERSATION_EXISTS = select(literal(1)).where(conversations.c.id == bindparam("p_id"))
+_LIST_CONVERSATIONS = (
+    select(*_CONVERSATION_COLUMNS)
+    .order_by(conversations.c.updated_at.desc(), conversations.c.id.desc())
+    .limit(bindparam("p_limit"))
+)
+_LIST_CONVERSATIONS_AFTER = _LIST_CONVERSATIONS.where(
+    tuple_(conversations.c.updated_at, conversations.c.id)
+    < tuple_(bindparam("p_updated_at"), bindparam("p_id"))
+)
+_UPDATE_TITLE = (
+    update(conversations)
+    .where(conversations.c.id == bindparam("p_id"))
+    .values(title=bindparam("p_title"), updated_at=bindparam("p_now"))
+    .returning(*_CONVERSATION_COLUMNS)
+)
+_BUMP_CONVERSATION = (
+    update(conversations)
+    .where(conversations.c.id == bindparam("p_id"))
+    .values(updated_at=bindparam("p_now"), message_count=conversations.c.message_count + 1)
+)
+_INSERT_MESSAGE = insert(messages)
+_CONVERSATION_MESSAGES = (
+    select(*_MESSAGE_COLUMNS)
+    .where(messages.c.conversation_id == bindparam("p_conversation_id"))
+    .order_by(messages.c.timestamp, messages.c.id)
+)
+_LIST_MESSAGES = _CONVERSATION_MESSAGES.limit(bindparam("p_limit"))
+_LIST_MESSAGES_AFTER = _LIST_MESSAGES.where(
+    tuple_(messages.c.timestamp, messages.c.id) > tuple_(bindparam("p_timestamp"), bindparam("p_id"))
+)
+
+
+def insert_conversation(conn: Connection, conversation_id: str, title: str, now: datetime) -> None:
+    stamp = format_timestamp(now)
+    conn.execute(
+        insert(conversations).values(
+            id=conversation_id, title=title, created_at=stamp, updated_at=stamp, message_count=0
+        )
+    )
+
+
+def get_conversation(conn: Connection, conversation_id: str) -> Conversation | None:
+    row = conn.execute(_GET_CONVERSATION, {"p_id": conversation_id}).one_or_none()
+    return _conversation(row) if row else None
+
+
+def conversation_exists(conn: Connection, conversation_id: str) -> bool:
+    return conn.execute(_CONVERSATION_EXISTS, {"p_id": conversation_id}).first() is not None
+
+
+def list_conversations(conn: Connection, after: Position | None, limit: int) -> list[Conversation]:
+    """Most recently updated first; `after` is the position of the previous page's last row."""
+    if after is None:
+        rows = conn.execute(_LIST_CONVERSATIONS, {"p_limit": limit})
+    else:
+        params = {"p_limit": limit, "p_updated_at": after[0], "p_id": after[1]}
+        rows = conn.execute(_LIST_CONVERSATIONS_AFTER, params)
+    return [_conversation(row) for row in rows]
+
+
+def update_title(conn: Connection, conversation_id: str, title: str, now: datetime) -> Conversation | None:
+    params = {"p_id": conversation_id, "p_title": title, "p_now": format_timestamp(now)}
+    row = conn.execute(_UPDATE_TITLE, params).one_or_none()
+    return _conversation(row) if row else None
+
+
+def delete_conversation(conn: Connection, conversation_id: str) -> bool:
+    """Deletes the conversation; its messages go by ON DELETE CASCADE."""
+    result = conn.execute(delete(conversations).where(conversations.c.id == conversation_id))
+    return result.rowcount > 0
+
+
+def insert_message(
+    conn: Connection,
+    *,
+    message_id: str,
+    conversation_id: str,
+    role: MessageRole,
+    content: str,
+    metadata: JsonObject | None,
+    now: datetime,
+) -> Message | None:
+    """Appends a message and bumps the conversation; None when the conversation is missing."""
+    stamp = format_timestamp(now)
+    bumped = conn.execute(_BUMP_CONVERSATION, {"p_id": conversation_id, "p_now": stamp})
+    if bumped.rowcount == 0:
+        return None
+    metadata_json = (
+        json.dumps(metadata, ensure_ascii=False, separators=(",", ":")) if metadata is not None else None
+    )
+    conn.execute(
+        _INSERT_MESSAGE,
+        {
+            "id": message_id,
+            "conversation_id": conversation_id,
+            "role": role.value,
+            "content": content,
+            "timestamp": stamp,
+            "metadata": metadata_json,
+        },
+    )
+    return Message(message_id, conversation_id, role, content, now, metadata)
+
+
+def list_messages(
+    conn: Connection, conversation_id: str, after: Position | None, limit: int | None
+) -> list[Message]:
+    """Oldest first; `after` is the position of the last message already seen; no limit if None."""
+    if limit is None:
+        if after is not None:
+            raise ValueError("an unlimited listing starts at the beginning")
+        rows = conn.execute(_CONVERSATION_MESSAGES, {"p_conversation_id": conversation_id})
+    elif after is None:
+        rows = conn.execute(_LIST_MESSAGES, {"p_conversation_id": conversation_id, "p_limit": limit})
+    else:
+        params = {
+            "p_conversation_id": conversation_id,
+            "p_limit": limit,
+            "p_timestamp": after[0],
+            "p_id": after[1],
+        }
+        rows = conn.execute(_LIST_MESSAGES_AFTER, params)
+    return [_message(row) for row in rows]
+
+
+def find_message_position(conn: Connection, conversation_id: str, message_id: str) -> Position | None:
+    row = conn.execute(
+        select(messages.c.timestamp, messages.c.id).where(
+            messages.c.id == message_id, messages.c.conversation_id == conversation_id
+        )
+    ).one_or_none()
+    return (row.timestamp, row.id) if row else None
+
+
+def last_message_position(conn: Connection, conversation_id: str) -> Position | None:
+    row = conn.execute(
+        select(messages.c.timestamp, messages.c.id)
+        .where(messages.c.conversation_id == conversation_id)
+        .order_by(messages.c.timestamp.desc(), messages.c.id.desc())
+        .limit(1)
+    ).one_or_none()
+    return (row.timestamp, row.id) if row else None
+
+
+def _contains(column: ColumnElement[str], query: str) -> ColumnElement[bool]:
+    """A case-insensitive substring match in which `%`, `_` and `\\` are literal."""
+    escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return column.ilike(f"%{escaped}%", escape="\\")
+
+
+# A title match weighs as much as this many matching messages.
+TITLE_WEIGHT = 10
+
+
+def search(conn: Connection, query: str, limit: int) -> list[tuple[Conversation, int, bool]]:
+    """Conversations whose title or messages contain `query`, best first.
+
+    Returns (conversation, number of matching messages, whether the title matched).
+    """
+    hits = (
+        select(messages.c.conversation_id, func.count().label("hits"))
+        .where(_contains(messages.c.content, query))
+        .group_by(messages.c.conversation_id)
+        .subquery()
+    )
+    in_title = _contains(conversations.c.title, query)
+    hit_count = func.coalesce(hits.c.hits, 0)
+    title_score = case((in_title, TITLE_WEIGHT), else_=0)
+    rows = conn.execute(
+        select(
+            *_CONVERSATION_COLUMNS,
+            hit_count.label("hits"),
+            case((in_title, 1), else_=0).label("in_title"),
+        )
+        .select_from(conversations.outerjoin(hits, hits.c.conversation_id == conversations.c.id))
+        .where(or_(hits.c.hits.is_not(None), in_title))
+        .order_by(
+            (hit_count + title_score).desc(),
+            conversations.c.updated_at.desc(),
+            conversations.c.id.desc(),
+        )
+        .limit(limit)
+    )
+    return [(_conversation(row), int(row.hits), bool(row.in_title)) for row in rows]
+
+
+def first_matching_message(conn: Connection, conversation_id: str, query: str) -> tuple[str, str] | None:
+    row = conn.execute(
+        select(messages.c.id, messages.c.content)
+        .where(
+            and_(
+                messages.c.conversation_id == conversation_id,
+                _contains(messages.c.content, query),
+            )
+        )
+        .order_by(messages.c.timestamp, messages.c.id)
+        .limit(1)
+    ).one_or_none()
+    return (row.id, row.content) if row else None
+
+
+def totals(conn: Connection) -> tuple[int, int]:
+    """(conversations, messages)."""
+    row = conn.execute(select(func.count(), func.coalesce(func.sum(conversations.c.message_count), 0))).one()
+    return int(row[0]), int(row[1])
+
+
+def messages_per_day(conn: Connection, since: datetime) -> dict[str, int]:
+    """Message counts by UTC day (`YYYY-MM-DD`) from `since` on."""
+    day = func.substr(messages.c.timestamp, 1, 10)
+    rows = conn.execute(
+        select(day.label("day"), func.count().label("n"))
+        .where(messages.c.timestamp >= format_timestamp(since))
+        .group_by(day)
+    )
+    return {row.day: int(row.n) for row in rows}
+
+
+def all_messages(conn: Connection, conversation_id: str) -> Sequence[Message]:
+    return list_messages(conn, conversation_id, None, None)

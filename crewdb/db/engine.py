@@ -1,0 +1,176 @@
+"""The database handle: one engine, SQLite pragmas on every connection, and the threads queries run on.
+
+Services call `Database.read` / `Database.write` with a function of a Connection; each runs
+in one transaction on a worker thread so the event loop never waits on disk. Reads share a
+small pool of threads (WAL lets them run beside the writer); writes go through one thread,
+which on SQLite is the one writer it allows anyway, so writers queue in-process instead of
+spinning on SQLITE_BUSY, and commits happen in a single, known order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from crewdb.errors import UnavailableError
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 5000
+_WRITE_OPTION = "crewdb_write"
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+pysqlite:///{path}"
+
+
+def create_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """An engine for `url`; on SQLite with crewdb's pragmas and explicit transaction control."""
+    if url.startswith("sqlite") and ":memory:" not in url:
+        Path(sqlalchemy.make_url(url).database or "").parent.mkdir(parents=True, exist_ok=True)
+    engine = sqlalchemy.create_engine(url, pool_size=pool_size, max_overflow=pool_size)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _on_sqlite_connect)
+        event.listen(engine, "begin", _on_sqlite_begin)
+    return engine
+
+
+def _on_sqlite_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (the driver's own implicit BEGIN
+    # cannot be told to take the write lock up front).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _on_sqlite_begin(connection: Connection) -> None:
+    # Writers take the lock at BEGIN: a deferred transaction that upgrades later can fail
+    # with SQLITE_BUSY without waiting, when another process (a CLI migrate) writes too.
+    # Straight to the driver: this runs before every transaction, and going through
+    # SQLAlchemy's statement machinery would cost more than the BEGIN itself.
+    is_write = connection.get_execution_options().get(_WRITE_OPTION, False)
+    connection.connection.driver_connection.execute(  # type: ignore[union-attr]
+        "BEGIN IMMEDIATE" if is_write else "BEGIN"
+    )
+
+
+class Database:
+    """Runs transactions off the event loop; owns the engine, its threads and their connections.
+
+    Each worker thread keeps one connection for its lifetime, so a query costs a BEGIN and the
+    statement itself, not a pool checkout and reset each time.
+    """
+
+    def __init__(self, engine: Engine, *, read_threads: int = 4) -> None:
+        self.engine = engine
+        self._writer_engine = engine.execution_options(**{_WRITE_OPTION: True})
+        self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="crewdb-db-read")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="crewdb-db-write")
+        self._local = threading.local()
+        self._connections: list[Connection] = []
+        self._connections_lock = threading.Lock()
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        """Runs `work` in a read transaction (one consistent snapshot) on a reader thread.
+
+        Raises:
+            UnavailableError: the database could not be reached or is locked for too long.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._run, self.engine, work, None)
+
+    async def write(
+        self,
+        work: Callable[[Connection], T],
+        after_commit: Callable[[T], Any] | None = None,
+    ) -> T:
+        """Runs `work` in a write transaction on the writer thread and commits it.
+
+        `after_commit` runs on the writer thread right after the commit, before the next
+        write starts: callbacks see commits in commit order.
+
+        Raises:
+            UnavailableError: the database could not be reached or is locked for too long.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, self._run, self._writer_engine, work, after_commit)
+
+    def read_sync(self, work: Callable[[Connection], T]) -> T:
+        """`read` for code that is not on the event loop (CLI commands, tests)."""
+        return self._readers.submit(self._run, self.engine, work, None).result()
+
+    def write_sync(self, work: Callable[[Connection], T]) -> T:
+        """`write` for code that is not on the event loop (CLI commands, tests)."""
+        return self._writer.submit(self._run, self._writer_engine, work, None).result()
+
+    async def ping(self) -> None:
+        """Raises UnavailableError unless the database answers `SELECT 1`."""
+        await self.read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar_one())
+
+    def close(self) -> None:
+        self._readers.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True)
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self.engine.dispose()
+
+    def _connection(self, engine: Engine) -> Connection:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.invalidated:
+            conn = engine.connect()
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    def _discard_connection(self) -> None:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._connections_lock:
+                if conn in self._connections:
+                    self._connections.remove(conn)
+            conn.close()
+
+    def _run(
+        self,
+        engine: Engine,
+        work: Callable[[Connection], T],
+        after_commit: Callable[[T], Any] | None,
+    ) -> T:
+        try:
+            conn = self._connection(engine)
+            with conn.begin():
+                result = work(conn)
+        except OperationalError as exc:
+            self._discard_connection()
+            log.warning("database unavailable: %s", exc.orig)
+            raise UnavailableError("database unavailable, try again") from exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                self._discard_connection()
+                raise UnavailableError("database connection lost, try again") from exc
+            raise
+        if after_commit is not None:
+            after_commit(result)
+        return result

@@ -1,0 +1,104 @@
+"""The relational schema as SQLAlchemy Core tables: the one description migrations are checked against.
+
+The five tables of the original design keep their columns and indexes. crewdb's additions
+(documented in docs/schema.md, created by migration 0002):
+  - conversations.message_count, kept in step by AddMessage, so listings need no COUNT(*);
+  - idx_conversations_updated (updated_at, id): keyset pagination of ListConversations;
+  - idx_messages_conversation_timestamp (conversation_id, timestamp, id): ListMessages and
+    WatchMessages read a conversation's messages in order straight from this index.
+Timestamps are TEXT in `crewdb.clock.TIMESTAMP_FORMAT`; JSON columns hold JSON objects as TEXT.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    text,
+)
+
+metadata = MetaData()
+
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("title", Text),
+    Column("created_at", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    Column("message_count", Integer, nullable=False, server_default=text("0")),
+    Index("idx_conversations_updated", "updated_at", "id"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column(
+        "conversation_id",
+        Text,
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("role", Text, nullable=False),
+    Column("content", Text, nullable=False),
+    Column("timestamp", Text, nullable=False),
+    Column("metadata", Text),
+    Index("idx_messages_conversation", "conversation_id"),
+    Index("idx_messages_conversation_timestamp", "conversation_id", "timestamp", "id"),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("email", Text, nullable=False, unique=True),
+    Column("username", Text, nullable=False, unique=True),
+    Column("password_hash", Text, nullable=False),
+    Column("role", Text, nullable=False, server_default=text("'user'")),
+    Column("is_active", Integer, nullable=False, server_default=text("1")),
+    Column("created_at", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    Column("last_login_at", Text),
+    Index("idx_users_email", "email"),
+    Index("idx_users_username", "username"),
+    Index("idx_users_role", "role"),
+    Index("idx_users_active", "is_active"),
+)
+
+refresh_tokens = Table(
+    "refresh_tokens",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("user_id", Text, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("token_hash", Text, nullable=False),
+    Column("expires_at", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+    Column("revoked_at", Text),
+    Index("idx_refresh_tokens_user", "user_id"),
+    Index("idx_refresh_tokens_hash", "token_hash"),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("type", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("priority", Integer, server_default=text("0")),
+    Column("data", Text, nullable=False),
+    Column("result", Text),
+    Column("error", Text),
+    Column("created_at", Text, nullable=False),
+    Column("started_at", Text),
+    Column("completed_at", Text),
+    Column("duration", Integer),
+    Column("metadata", Text),
+    Index("idx_tasks_status", "status"),
+    Index("idx_tasks_created", "created_at"),
+)

@@ -1,0 +1,1 @@
+"""Use cases: validation, transactions and events for each aggregate; no protobuf, no SQL."""

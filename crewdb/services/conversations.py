@@ -1,0 +1,445 @@
+"""Conversation use cases: validation, one transaction per call, and events for watchers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from crewdb.clock import Clock, format_timestamp
+from crewdb.db import conversations as store
+from crewdb.db.engine import Database
+from crewdb.errors import (
+    FieldViolation,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from crewdb.models import (
+    Conversation,
+    ConversationStats,
+    DailyCount,
+    ExportDocument,
+    ExportFormat,
+    JsonObject,
+    Message,
+    MessageRole,
+    Page,
+    SearchHit,
+)
+from crewdb.services.events import MessageEvents
+from crewdb.services.pagination import PageTokens, page_size
+
+# Limits; the proto documents the same numbers.
+ID_MAX_LENGTH = 128
+TITLE_MAX_LENGTH = 200
+CONTENT_MAX_LENGTH = 100_000
+METADATA_MAX_BYTES = 16 * 1024
+METADATA_MAX_DEPTH = 32
+QUERY_MAX_LENGTH = 200
+CONVERSATIONS_PAGE = (50, 200)  # (default, maximum)
+MESSAGES_PAGE = (100, 1000)
+SEARCH_PAGE = (20, 100)
+STATS_DAYS = 7
+EXPORT_MAX_BYTES = 32 * 1024 * 1024
+SNIPPET_LENGTH = 160
+# Messages a watcher reads from the database at a time while catching up.
+WATCH_BATCH = 500
+
+
+def conversation_not_found(conversation_id: str) -> NotFoundError:
+    return NotFoundError(f"conversation {conversation_id!r} not found", reason="CONVERSATION_NOT_FOUND")
+
+
+class ConversationService:
+    """Conversations and their messages."""
+
+    def __init__(self, db: Database, events: MessageEvents, page_tokens: PageTokens, clock: Clock) -> None:
+        self._db = db
+        self._events = events
+        self._tokens = page_tokens
+        self._clock = clock
+
+    async def create_conversation(self, title: str) -> Conversation:
+        """Raises: InvalidArgumentError."""
+        _raise_if(_check_title(title))
+        conversation_id = str(uuid.uuid4())
+
+        def work(conn: Connection) -> Conversation:
+            store.insert_conversation(conn, conversation_id, title, self._clock.now())
+            return _must_exist(store.get_conversation(conn, conversation_id), conversation_id)
+
+        return await self._db.write(work)
+
+    async def get_conversation(self, conversation_id: str) -> Conversation:
+        """Raises: InvalidArgumentError, NotFoundError."""
+        _raise_if(_check_id("id", conversation_id))
+        found = await self._db.read(lambda conn: store.get_conversation(conn, conversation_id))
+        return _must_exist(found, conversation_id)
+
+    async def list_conversations(self, size: int, token: str) -> Page[Conversation]:
+        """Most recently updated first. Raises: InvalidArgumentError."""
+        limit = page_size(size, default=CONVERSATIONS_PAGE[0], maximum=CONVERSATIONS_PAGE[1])
+        scope = "conversations"
+        after = _position(self._tokens.decode(scope, token)) if token else None
+        rows = await self._db.read(lambda conn: store.list_conversations(conn, after, limit + 1))
+        return self._page(rows, limit, scope, store.conversation_position)
+
+    async def update_title(self, conversation_id: str, title: str) -> Conversation:
+        """Raises: InvalidArgumentError, NotFoundError."""
+        _raise_if(_check_id("id", conversation_id) + _check_title(title))
+        updated = await self._db.write(
+            lambda conn: store.update_title(conn, conversation_id, title, self._clock.now())
+        )
+        return _must_exist(updated, conversation_id)
+
+    async def delete_conversation(self, conversation_id: str) -> None:
+        """Deletes it with its messages and ends its watchers. Raises: InvalidArgumentError,
+        NotFoundError."""
+        _raise_if(_check_id("id", conversation_id))
+        notify = self._on_loop(self._events.conversation_deleted)
+        deleted = await self._db.write(
+            lambda conn: store.delete_conversation(conn, conversation_id),
+            after_commit=lambda done: notify(conversation_id) if done else None,
+        )
+        if not deleted:
+            raise conversation_not_found(conversation_id)
+
+    async def add_message(
+        self,
+        conversation_id: str,
+        role: MessageRole | None,
+        content: str,
+        metadata: JsonObject | None,
+    ) -> Message:
+        """Appends a message, bumps the conversation, tells watchers.
+
+        Raises: InvalidArgumentError, NotFoundError.
+        """
+        violations = _check_id("conversation_id", conversation_id)
+        violations += _check_content(content) + _check_metadata(metadata)
+        if role is None:
+            violations.insert(1, FieldViolation("role", "required: user, assistant, system or tool"))
+        if violations or role is None:
+            raise InvalidArgumentError.of(violations)
+        message_id = str(uuid.uuid4())
+        notify = self._on_loop(self._events.message_added)
+
+        def work(conn: Connection) -> Message | None:
+            return store.insert_message(
+                conn,
+                message_id=message_id,
+                conversation_id=conversation_id,
+                role=role,
+                content=content,
+                metadata=metadata,
+                now=self._clock.now(),
+            )
+
+        message = await self._db.write(work, after_commit=lambda added: notify(added) if added else None)
+        if message is None:
+            raise conversation_not_found(conversation_id)
+        return message
+
+    async def list_messages(self, conversation_id: str, size: int, token: str) -> Page[Message]:
+        """Oldest first. Raises: InvalidArgumentError, NotFoundError."""
+        _raise_if(_check_id("conversation_id", conversation_id))
+        limit = page_size(size, default=MESSAGES_PAGE[0], maximum=MESSAGES_PAGE[1])
+        scope = f"messages:{conversation_id}"
+        after = _position(self._tokens.decode(scope, token)) if token else None
+
+        def work(conn: Connection) -> list[Message] | None:
+            if not store.conversation_exists(conn, conversation_id):
+                return None
+            return store.list_messages(conn, conversation_id, after, limit + 1)
+
+        rows = await self._db.read(work)
+        if rows is None:
+            raise conversation_not_found(conversation_id)
+        return self._page(rows, limit, scope, store.message_position)
+
+    async def search(self, query: str, size: int) -> list[SearchHit]:
+        """Title and content substring search, best first. Raises: InvalidArgumentError."""
+        violations = []
+        if not query.strip():
+            violations.append(FieldViolation("query", "required"))
+        elif len(query) > QUERY_MAX_LENGTH:
+            violations.append(FieldViolation("query", f"at most {QUERY_MAX_LENGTH} characters"))
+        if size < 0:
+            violations.append(FieldViolation("page_size", "must not be negative"))
+        _raise_if(violations)
+        limit = page_size(size, default=SEARCH_PAGE[0], maximum=SEARCH_PAGE[1])
+
+        def work(conn: Connection) -> list[SearchHit]:
+            hits = []
+            for conversation, matching, in_title in store.search(conn, query, limit):
+                snippet_source, message_id = conversation.title, None
+                if not in_title:
+                    first = store.first_matching_message(conn, conversation.id, query)
+                    if first is not None:
+                        message_id, snippet_source = first
+                score = matching + (store.TITLE_WEIGHT if in_title else 0)
+                hits.append(
+                    SearchHit(
+                        conversation=conversation,
+                        score=float(score),
+                        snippet=snippet(snippet_source, query),
+                        message_id=message_id,
+                        matching_messages=matching,
+                    )
+                )
+            return hits
+
+        return await self._db.read(work)
+
+    async def stats(self) -> ConversationStats:
+        """Totals and messages per UTC day for the last `STATS_DAYS` days, today last."""
+        midnight = self._clock.now().replace(hour=0, minute=0, second=0, microsecond=0)
+        since = midnight - timedelta(days=STATS_DAYS - 1)
+        days = [(since + timedelta(days=offset)).date() for offset in range(STATS_DAYS)]
+
+        def work(conn: Connection) -> tuple[tuple[int, int], dict[str, int]]:
+            return store.totals(conn), store.messages_per_day(conn, since)
+
+        (conversation_total, message_total), per_day = await self._db.read(work)
+        return ConversationStats(
+            total_conversations=conversation_total,
+            total_messages=message_total,
+            average_messages_per_conversation=(
+                message_total / conversation_total if conversation_total else 0.0
+            ),
+            messages_per_day=[DailyCount(day, per_day.get(day.isoformat(), 0)) for day in days],
+        )
+
+    async def export(self, conversation_id: str, export_format: ExportFormat) -> ExportDocument:
+        """The whole conversation as one document.
+
+        Raises: InvalidArgumentError, NotFoundError, ResourceExhaustedError (over
+        EXPORT_MAX_BYTES).
+        """
+        _raise_if(_check_id("id", conversation_id))
+
+        def work(conn: Connection) -> tuple[Conversation | None, list[Message]]:
+            conversation = store.get_conversation(conn, conversation_id)
+            if conversation is None:
+                return None, []
+            return conversation, list(store.all_messages(conn, conversation_id))
+
+        conversation, messages = await self._db.read(work)
+        conversation = _must_exist(conversation, conversation_id)
+        if export_format is ExportFormat.MARKDOWN:
+            content = render_markdown(conversation, messages).encode()
+            document = ExportDocument(
+                f"conversation-{conversation.id}.md", "text/markdown; charset=utf-8", content
+            )
+        else:
+            content = render_json(conversation, messages).encode()
+            document = ExportDocument(f"conversation-{conversation.id}.json", "application/json", content)
+        if len(document.content) > EXPORT_MAX_BYTES:
+            raise ResourceExhaustedError(
+                f"conversation {conversation_id!r} is too large to export in one response "
+                f"({len(document.content)} bytes, limit {EXPORT_MAX_BYTES})",
+                reason="EXPORT_TOO_LARGE",
+            )
+        return document
+
+    async def watch(self, conversation_id: str, after_message_id: str) -> AsyncIterator[Message]:
+        """Messages after `after_message_id` (or after now), in order, until cancelled.
+
+        Every message after the starting point is delivered once, whether it arrives live or
+        is read back from the database after a lag.
+
+        Raises: InvalidArgumentError, NotFoundError (the conversation or message is missing, or
+        the conversation was deleted while watching), UnavailableError (server shutting down).
+        """
+        violations = _check_id("conversation_id", conversation_id)
+        if after_message_id:
+            violations += _check_id("after_message_id", after_message_id)
+        _raise_if(violations)
+
+        def start(conn: Connection) -> store.Position | None:
+            if not store.conversation_exists(conn, conversation_id):
+                raise conversation_not_found(conversation_id)
+            if not after_message_id:
+                return store.last_message_position(conn, conversation_id)
+            position = store.find_message_position(conn, conversation_id, after_message_id)
+            if position is None:
+                raise NotFoundError(
+                    f"message {after_message_id!r} not found in conversation {conversation_id!r}",
+                    reason="MESSAGE_NOT_FOUND",
+                )
+            return position
+
+        # Find the starting point first, then subscribe, then read from the database
+        # everything after the starting point: a message committed in between is in that
+        # read, one committed later is in the subscription too, and `last` drops the repeat.
+        last = await self._db.read(start)
+        subscription = self._events.subscribe(conversation_id)
+        try:
+            catch_up = True
+            while True:
+                if subscription.deleted:
+                    raise conversation_not_found(conversation_id)
+                if subscription.closed:
+                    raise UnavailableError("server is shutting down; resume from the last id")
+                if catch_up or subscription.lagged:
+                    subscription.lagged = False
+                    subscription.pending.clear()
+                    batch = await self._db.read(partial(_messages_after, conversation_id, last))
+                    for message in batch:
+                        last = store.message_position(message)
+                        yield message
+                    catch_up = len(batch) == WATCH_BATCH
+                    continue
+                while subscription.pending and not subscription.lagged:
+                    message = subscription.pending.popleft()
+                    position = store.message_position(message)
+                    if last is None or position > last:
+                        last = position
+                        yield message
+                if not subscription.pending and not subscription.lagged:
+                    await subscription.wait()
+        finally:
+            self._events.unsubscribe(subscription)
+
+    def _page(self, rows: list[Any], limit: int, scope: str, position: Any) -> Page[Any]:
+        if len(rows) <= limit:
+            return Page(rows, "")
+        items = rows[:limit]
+        return Page(items, self._tokens.encode(scope, position(items[-1])))
+
+    @staticmethod
+    def _on_loop(callback: Any) -> Any:
+        """`callback` made callable from the writer thread; it then runs on this event loop."""
+        loop = asyncio.get_running_loop()
+        return lambda *args: loop.call_soon_threadsafe(callback, *args)
+
+
+def _messages_after(conversation_id: str, after: store.Position | None, conn: Connection) -> list[Message]:
+    return store.list_messages(conn, conversation_id, after, WATCH_BATCH)
+
+
+def _raise_if(violations: list[FieldViolation]) -> None:
+    if violations:
+        raise InvalidArgumentError.of(violations)
+
+
+def _must_exist(conversation: Conversation | None, conversation_id: str) -> Conversation:
+    if conversation is None:
+        raise conversation_not_found(conversation_id)
+    return conversation
+
+
+def _position(values: tuple[str, ...]) -> store.Position:
+    if len(values) != 2:
+        raise InvalidArgumentError(
+            "invalid page token",
+            [FieldViolation("page_token", "not a page token issued for this listing")],
+            reason="INVALID_PAGE_TOKEN",
+        )
+    return values[0], values[1]
+
+
+def _check_id(field: str, value: str) -> list[FieldViolation]:
+    if not value:
+        return [FieldViolation(field, "required")]
+    if len(value) > ID_MAX_LENGTH:
+        return [FieldViolation(field, f"at most {ID_MAX_LENGTH} characters")]
+    return []
+
+
+def _check_title(title: str) -> list[FieldViolation]:
+    if len(title) > TITLE_MAX_LENGTH:
+        return [FieldViolation("title", f"at most {TITLE_MAX_LENGTH} characters")]
+    return []
+
+
+def _check_content(content: str) -> list[FieldViolation]:
+    if not content.strip():
+        return [FieldViolation("content", "required: must not be empty or only whitespace")]
+    if len(content) > CONTENT_MAX_LENGTH:
+        return [FieldViolation("content", f"at most {CONTENT_MAX_LENGTH} characters")]
+    return []
+
+
+def _check_metadata(metadata: JsonObject | None) -> list[FieldViolation]:
+    if metadata is None:
+        return []
+    if _depth(metadata) > METADATA_MAX_DEPTH:
+        return [FieldViolation("metadata", f"nested more than {METADATA_MAX_DEPTH} levels")]
+    size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > METADATA_MAX_BYTES:
+        return [FieldViolation("metadata", f"at most {METADATA_MAX_BYTES} bytes as JSON")]
+    return []
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def snippet(text: str, query: str, length: int = SNIPPET_LENGTH) -> str:
+    """About `length` characters of `text` around the first match of `query`, `…` where cut."""
+    match = re.search(re.escape(query), text, re.IGNORECASE)
+    start = 0
+    if match is not None:
+        start = max(0, min(match.start() - length // 3, len(text) - length))
+    end = min(len(text), start + length)
+    piece = " ".join(text[start:end].split())
+    return ("…" if start > 0 else "") + piece + ("…" if end < len(text) else "")
+
+
+def render_json(conversation: Conversation, messages: list[Message]) -> str:
+    document = {
+        "conversation": {
+            "id": conversation.id,
+            "title": conversation.title,
+            "created_at": format_timestamp(conversation.created_at),
+            "updated_at": format_timestamp(conversation.updated_at),
+            "message_count": conversation.message_count,
+        },
+        "messages": [
+            {
+                "id": message.id,
+                "role": message.role.value,
+                "content": message.content,
+                "timestamp": format_timestamp(message.timestamp),
+                "metadata": message.metadata,
+            }
+            for message in messages
+        ],
+    }
+    return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
+
+
+def render_markdown(conversation: Conversation, messages: list[Message]) -> str:
+    lines = [
+        f"# {conversation.title or 'Untitled conversation'}",
+        "",
+        f"- id: `{conversation.id}`",
+        f"- created: {format_timestamp(conversation.created_at)}",
+        f"- updated: {format_timestamp(conversation.updated_at)}",
+        f"- messages: {conversation.message_count}",
+    ]
+    for message in messages:
+        lines += [
+            "",
+            f"## {message.role.value.capitalize()} · {format_timestamp(message.timestamp)}",
+            "",
+            message.content,
+        ]
+        if message.metadata:
+            metadata = json.dumps(message.metadata, ensure_ascii=False, indent=2)
+            lines += ["", "```json", metadata, "```"]
+    return "\n".join(lines) + "\n"

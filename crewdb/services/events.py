@@ -1,0 +1,86 @@
+"""In-process fan-out of conversation events to WatchMessages streams, on the event loop.
+
+Publishing never blocks and never grows memory without bound: each subscriber buffers up to
+`buffer` messages; past that it is marked lagged and catches up from the database, which is
+the source of truth. So a slow or stalled watcher costs a flag, not the server's memory.
+Everything here runs on the event-loop thread; writers hand events over with
+`loop.call_soon_threadsafe`, in commit order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict, deque
+
+from crewdb.models import Message
+
+
+class Subscription:
+    """One watcher's view of a conversation's events."""
+
+    def __init__(self, conversation_id: str, buffer: int) -> None:
+        self.conversation_id = conversation_id
+        self.pending: deque[Message] = deque()
+        self.lagged = False
+        self.deleted = False
+        self.closed = False
+        self._buffer = buffer
+        self._wake = asyncio.Event()
+
+    def _push(self, message: Message) -> None:
+        if len(self.pending) >= self._buffer:
+            self.pending.clear()
+            self.lagged = True
+        else:
+            self.pending.append(message)
+        self._wake.set()
+
+    def _signal(self) -> None:
+        self._wake.set()
+
+    async def wait(self) -> None:
+        """Returns once something happened since the last wait."""
+        await self._wake.wait()
+        self._wake.clear()
+
+
+class MessageEvents:
+    """Who watches which conversation, and the events that reach them."""
+
+    def __init__(self, buffer: int = 256) -> None:
+        self._buffer = buffer
+        self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
+        self._closed = False
+
+    def subscribe(self, conversation_id: str) -> Subscription:
+        subscription = Subscription(conversation_id, self._buffer)
+        subscription.closed = self._closed
+        self._subscribers[conversation_id].add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        watchers = self._subscribers.get(subscription.conversation_id)
+        if watchers is not None:
+            watchers.discard(subscription)
+            if not watchers:
+                del self._subscribers[subscription.conversation_id]
+
+    def watcher_count(self) -> int:
+        return sum(len(watchers) for watchers in self._subscribers.values())
+
+    def message_added(self, message: Message) -> None:
+        for subscription in self._subscribers.get(message.conversation_id, ()):
+            subscription._push(message)
+
+    def conversation_deleted(self, conversation_id: str) -> None:
+        for subscription in self._subscribers.get(conversation_id, ()):
+            subscription.deleted = True
+            subscription._signal()
+
+    def close(self) -> None:
+        """Ends every watch (server shutdown); later subscriptions start closed."""
+        self._closed = True
+        for watchers in self._subscribers.values():
+            for subscription in watchers:
+                subscription.closed = True
+                subscription._signal()

@@ -1,0 +1,266 @@
+"""`make bench`: crewdb's unary throughput and latency against a bare grpc.aio echo server, same run.
+
+Each server runs in its own process; the load comes from this process (grpc.aio, N concurrent
+callers on one channel each). Machines here are noisy, so results are reported as ratios to
+the echo baseline measured minutes apart on the same machine, and written to
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from crewdb.v1 import conversation_service_pb2 as pb
+from crewdb.v1 import conversation_service_pb2_grpc as pb_grpc
+from tests.bench.echo_server import METHOD as ECHO_METHOD
+
+ROOT = Path(__file__).resolve().parents[2]
+REPORT = ROOT / "docs" / "benchmarks.md"
+
+
+@dataclass
+class Result:
+    name: str
+    calls: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def qps(self) -> float:
+        return self.calls / self.seconds
+
+    def percentile(self, fraction: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def wait_until_serving(address: str, *, health: bool) -> None:
+    deadline = time.monotonic() + 30
+    async with aio.insecure_channel(address) as channel:
+        while True:
+            try:
+                if health:
+                    stub = health_pb2_grpc.HealthStub(channel)
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                else:
+                    echo: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO_METHOD)
+                    await echo(b"ping", timeout=1)
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server at {address} did not start")
+            await asyncio.sleep(0.1)
+
+
+async def load(
+    name: str,
+    address: str,
+    make_call: Callable[[aio.Channel, int], Callable[[], Awaitable[object]]],
+    *,
+    clients: int,
+    seconds: float,
+    warmup: float,
+) -> Result:
+    """`clients` callers, each on its own channel, calling back to back for `seconds`."""
+    channels = [aio.insecure_channel(address) for _ in range(clients)]
+    latencies: list[float] = []
+    calls = 0
+    measuring = False
+    stop_at = time.monotonic() + warmup + seconds
+
+    async def caller(index: int) -> None:
+        nonlocal calls
+        call = make_call(channels[index], index)
+        while (now := time.monotonic()) < stop_at:
+            await call()
+            if measuring:
+                latencies.append(time.monotonic() - now)
+                calls += 1
+
+    tasks = [asyncio.create_task(caller(i)) for i in range(clients)]
+    await asyncio.sleep(warmup)
+    measuring = True
+    started = time.monotonic()
+    await asyncio.gather(*tasks)
+    elapsed = time.monotonic() - started
+    for channel in channels:
+        await channel.close()
+    return Result(name, calls, elapsed, latencies)
+
+
+async def run(args: argparse.Namespace) -> list[tuple[Result, Result]]:
+    python = sys.executable
+    payload = pb.GetConversationRequest(id="0" * 36).SerializeToString()
+    echo_port = free_port()
+    results: list[tuple[Result, Result]] = []
+    measure = {"clients": args.clients, "seconds": args.seconds, "warmup": args.warmup}  # for load()
+
+    def echo_call(channel: aio.Channel, _: int) -> Callable[[], Awaitable[object]]:
+        echo: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO_METHOD)
+        return lambda: echo(payload)
+
+    with process([python, "-m", "tests.bench.echo_server", str(echo_port)]):
+        await wait_until_serving(f"127.0.0.1:{echo_port}", health=False)
+        baseline = await load("echo (baseline)", f"127.0.0.1:{echo_port}", echo_call, **measure)
+
+    with tempfile.TemporaryDirectory() as data:
+        port = free_port()
+        env = {
+            **os.environ,
+            "DATABASE_PATH": f"{data}/app.db",
+            "CREWDB_PORT": str(port),
+            "CREWDB_LOG_LEVEL": "WARNING",
+        }
+        address = f"127.0.0.1:{port}"
+        with process([python, "-m", "crewdb", "serve"], env=env):
+            await wait_until_serving(address, health=True)
+            async with aio.insecure_channel(address) as channel:
+                stub = pb_grpc.ConversationServiceStub(channel)
+                conversations = [
+                    await stub.CreateConversation(pb.CreateConversationRequest(title=f"bench {i}"))
+                    for i in range(args.clients)
+                ]
+                for i in range(200):
+                    await stub.AddMessage(
+                        pb.AddMessageRequest(
+                            conversation_id=conversations[0].id,
+                            role=pb.MESSAGE_ROLE_USER,
+                            content=f"message {i}: " + "lorem ipsum " * 20,
+                        )
+                    )
+            target = conversations[0].id
+
+            def get(channel: aio.Channel, _: int) -> Callable[[], Awaitable[object]]:
+                stub = pb_grpc.ConversationServiceStub(channel)
+                request = pb.GetConversationRequest(id=target)
+                return lambda: stub.GetConversation(request)
+
+            def list_messages(channel: aio.Channel, _: int) -> Callable[[], Awaitable[object]]:
+                stub = pb_grpc.ConversationServiceStub(channel)
+                request = pb.ListMessagesRequest(conversation_id=target, page_size=20)
+                return lambda: stub.ListMessages(request)
+
+            def add(channel: aio.Channel, index: int) -> Callable[[], Awaitable[object]]:
+                stub = pb_grpc.ConversationServiceStub(channel)
+                request = pb.AddMessageRequest(
+                    conversation_id=conversations[index].id,
+                    role=pb.MESSAGE_ROLE_ASSISTANT,
+                    content="a reply of modest length, as agents write them " * 4,
+                )
+                request.metadata.update({"model": "bench", "tokens": 42})
+                return lambda: stub.AddMessage(request)
+
+            results.append((baseline, await load("GetConversation", address, get, **measure)))
+            results.append(
+                (baseline, await load("ListMessages (20/page)", address, list_messages, **measure))
+            )
+            results.append((baseline, await load("AddMessage", address, add, **measure)))
+            results.append((baseline, await with_watchers(address, target, args, get)))
+    return results
+
+
+async def with_watchers(
+    address: str,
+    conversation_id: str,
+    args: argparse.Namespace,
+    get: Callable[[aio.Channel, int], Callable[[], Awaitable[object]]],
+) -> Result:
+    """GetConversation while `args.watchers` WatchMessages streams stay open on the server."""
+    channels = [aio.insecure_channel(address) for _ in range(max(1, args.watchers // 100))]
+    streams = []
+    for i in range(args.watchers):
+        stub = pb_grpc.ConversationServiceStub(channels[i % len(channels)])
+        streams.append(stub.WatchMessages(pb.WatchMessagesRequest(conversation_id=conversation_id)))
+    await asyncio.sleep(1)  # let every stream reach the server
+    name = f"GetConversation, {args.watchers} watchers open"
+    result = await load(name, address, get, clients=args.clients, seconds=args.seconds, warmup=args.warmup)
+    for stream in streams:
+        stream.cancel()
+    for channel in channels:
+        await channel.close()
+    return result
+
+
+def report(results: list[tuple[Result, Result]], args: argparse.Namespace) -> str:
+    baseline = results[0][0]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (tests/bench/run.py). Servers run in their own processes; the",
+        f"load comes from one grpc.aio client process with {args.clients} concurrent callers, each",
+        f"on its own channel, {args.seconds:.0f} s per scenario after {args.warmup:.0f} s of warm-up.",
+        "The ratio is QPS against the bare grpc.aio echo server measured in the same run, so it",
+        "holds across machines better than the absolute numbers do.",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
+        f" grpcio {grpc.__version__}; run at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "| scenario | QPS | p50 ms | p99 ms | ratio to echo |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| {baseline.name} | {baseline.qps:,.0f} | {baseline.percentile(0.5):.2f} "
+        f"| {baseline.percentile(0.99):.2f} | 1.00 |",
+    ]
+    for base, result in results:
+        lines.append(
+            f"| {result.name} | {result.qps:,.0f} | {result.percentile(0.5):.2f} "
+            f"| {result.percentile(0.99):.2f} | {result.qps / base.qps:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--watchers", type=int, default=500)
+    parser.add_argument("--no-write", action="store_true", help="print only; keep docs/benchmarks.md")
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    text = report(results, args)
+    print(text)
+    if not args.no_write:
+        REPORT.write_text(text)
+        print(f"written to {REPORT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Shared fixtures: a real crewdb server on 127.0.0.1:0 over a temp SQLite file, and its stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+
+from crewdb.config import Settings
+from crewdb.server import App, build_server
+from crewdb.v1 import conversation_service_pb2_grpc
+
+T = TypeVar("T")
+
+
+@dataclass
+class RunningServer:
+    """A crewdb server on its own event loop thread; `call` runs a coroutine on that loop."""
+
+    app: App
+    loop: asyncio.AbstractEventLoop
+    settings: Settings
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.app.port}"
+
+    def call(self, coroutine: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        host="127.0.0.1",
+        port=0,
+        database_path=tmp_path / "app.db",
+        vector_db_path=tmp_path / "vectordb",
+        health_check_interval=0.2,
+        shutdown_grace=1.0,
+    )
+
+
+def start_server(settings: Settings) -> tuple[RunningServer, Callable[[], None]]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="crewdb-test-server", daemon=True)
+    thread.start()
+    started: Future[App] = asyncio.run_coroutine_threadsafe(build_server(settings), loop)
+    app = started.result(timeout=30)
+    running = RunningServer(app=app, loop=loop, settings=settings)
+
+    def stop() -> None:
+        running.call(app.stop(grace=1.0))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+    return running, stop
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[RunningServer]:
+    running, stop = start_server(settings)
+    try:
+        yield running
+    finally:
+        stop()
+
+
+@pytest.fixture
+def channel(server: RunningServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.address) as channel:
+        yield channel
+
+
+@pytest.fixture
+def conversations(
+    channel: grpc.Channel,
+) -> conversation_service_pb2_grpc.ConversationServiceStub:
+    return conversation_service_pb2_grpc.ConversationServiceStub(channel)

@@ -1,0 +1,191 @@
+"""The server as operators see it: health, reflection, start-up errors, unexpected failures, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from crewdb.cli import main
+from crewdb.config import Settings
+from crewdb.v1 import conversation_service_pb2 as pb
+from crewdb.v1 import conversation_service_pb2_grpc as pb_grpc
+from tests.conftest import RunningServer, start_server
+from tests.rpc_errors import failure
+
+SERVICE = "crewdb.v1.ConversationService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _health(channel: grpc.Channel, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status  # type: ignore[no-any-return]
+
+
+def test_health_reports_serving_for_the_server_and_each_service(channel: grpc.Channel) -> None:
+    assert _health(channel, "") == SERVING
+    assert _health(channel, SERVICE) == SERVING
+
+
+def test_health_of_an_unknown_service_is_not_found(channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        _health(channel, "no.such.Service")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+def test_health_turns_not_serving_when_the_database_probe_fails(
+    server: RunningServer, channel: grpc.Channel
+) -> None:
+    server.app.db.close()  # every later query fails, as with a lost database
+    deadline = time.monotonic() + 5
+    while _health(channel, "") != NOT_SERVING:
+        assert time.monotonic() < deadline, "health never turned NOT_SERVING"
+        time.sleep(0.05)
+    assert _health(channel, SERVICE) == NOT_SERVING
+
+
+def _reflection_request(
+    channel: grpc.Channel, path: str, request: reflection_pb2.ServerReflectionRequest
+) -> reflection_pb2.ServerReflectionResponse:
+    call = channel.stream_stream(
+        path,
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    return next(iter(call(iter([request]), timeout=5)))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_lists_services_under_v1_and_v1alpha(channel: grpc.Channel, version: str) -> None:
+    path = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    reply = _reflection_request(channel, path, reflection_pb2.ServerReflectionRequest(list_services=""))
+    names = {service.name for service in reply.list_services_response.service}
+    assert {
+        SERVICE,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
+
+
+@pytest.mark.parametrize(
+    "symbol", [SERVICE, "grpc.reflection.v1.ServerReflection", "crewdb.v1.AddMessageRequest"]
+)
+def test_reflection_describes_symbols(channel: grpc.Channel, symbol: str) -> None:
+    reply = _reflection_request(
+        channel,
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol),
+    )
+    assert reply.file_descriptor_response.file_descriptor_proto, reply.error_response
+
+
+def test_reflection_stub_v1alpha_works(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    assert any(s.name == SERVICE for s in next(iter(replies)).list_services_response.service)
+
+
+def test_a_port_in_use_is_a_clear_startup_error(
+    server: RunningServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = {"DATABASE_PATH": str(tmp_path / "second.db"), "CREWDB_PORT": str(server.app.port)}
+    assert main(["serve"], env=env) == 1
+    assert f"cannot listen on 127.0.0.1:{server.app.port}" in caplog.text
+    # The first server still has the port to itself.
+    with grpc.insecure_channel(server.address) as channel:
+        assert _health(channel, "") == SERVING
+
+
+def test_a_bad_setting_stops_startup_naming_the_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve"], env={"CREWDB_PORT": "99999"}) == 2
+    assert "CREWDB_PORT='99999'" in capsys.readouterr().err
+
+
+def test_an_unexpected_failure_is_internal_with_a_request_id_and_no_traceback(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    running, stop = start_server(settings)
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.ConversationServiceStub(channel)
+            conversation = stub.CreateConversation(pb.CreateConversationRequest(title="t"))
+            # A row this server never writes: a role from outside the enum, as a hand edit or
+            # another program could leave behind.
+            with sqlite3.connect(settings.database_path) as raw:
+                raw.execute(
+                    "INSERT INTO messages VALUES "
+                    "('m1', ?, 'wizard', 'x', '2026-01-01T00:00:00.000000Z', NULL)",
+                    (conversation.id,),
+                )
+            raw.close()
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ListMessages(
+                    pb.ListMessagesRequest(conversation_id=conversation.id),
+                    metadata=[("x-request-id", "trace-me-123")],
+                )
+    finally:
+        stop()
+    problem = failure(caught.value)
+    assert problem.code == grpc.StatusCode.INTERNAL
+    assert problem.reason == "INTERNAL"
+    assert problem.request_id == "trace-me-123"
+    assert "Traceback" not in problem.message
+    assert "wizard" not in problem.message
+    logged = [r for r in caplog.records if "trace-me-123" in r.getMessage()]
+    assert logged, "the failure was not logged with its request id"
+    assert logged[0].exc_info is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_serve_subprocess_serves_then_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "DATABASE_PATH": str(tmp_path / "app.db"), "CREWDB_PORT": str(port)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "crewdb", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if _health(channel, "") == SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert process.poll() is None, process.communicate()[1]
+                assert time.monotonic() < deadline, "server never reported SERVING"
+                time.sleep(0.1)
+            stub = pb_grpc.ConversationServiceStub(channel)
+            created = stub.CreateConversation(pb.CreateConversationRequest(title="smoke"), timeout=5)
+            assert stub.GetConversation(pb.GetConversationRequest(id=created.id), timeout=5).title == "smoke"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert "stopped" in stderr
