@@ -16,7 +16,7 @@ from grpc_health.v1 import health
 from crewdb.api import reflection
 from crewdb.api.conversations import ConversationServicer
 from crewdb.api.health import HealthReporter
-from crewdb.api.interceptors import ErrorInterceptor
+from crewdb.api.middleware import guard
 from crewdb.clock import Clock
 from crewdb.config import Settings
 from crewdb.db.engine import Database, create_engine, sqlite_url
@@ -29,7 +29,8 @@ from crewdb.v1 import conversation_service_pb2, conversation_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-CONVERSATION_SERVICE = conversation_service_pb2.DESCRIPTOR.services_by_name["ConversationService"].full_name
+CONVERSATION_DESCRIPTOR = conversation_service_pb2.DESCRIPTOR.services_by_name["ConversationService"]
+CONVERSATION_SERVICE = CONVERSATION_DESCRIPTOR.full_name
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _SERVER_OPTIONS = [
@@ -94,9 +95,9 @@ async def build_server(settings: Settings) -> App:
     events = MessageEvents()
     conversations = ConversationService(db, events, PageTokens(page_token_key(settings)), Clock())
 
-    server = aio.server(interceptors=[ErrorInterceptor()], options=_SERVER_OPTIONS)
+    server = aio.server(options=_SERVER_OPTIONS)
     conversation_service_pb2_grpc.add_ConversationServiceServicer_to_server(
-        ConversationServicer(conversations), server
+        guard(ConversationServicer(conversations), CONVERSATION_DESCRIPTOR), server
     )
     reporter = HealthReporter(server, db, [CONVERSATION_SERVICE], settings.health_check_interval)
     reflection.enable(server, [CONVERSATION_SERVICE, health.SERVICE_NAME])

@@ -8,7 +8,6 @@ from typing import Any
 from google.protobuf import empty_pb2
 
 from crewdb.api import convert
-from crewdb.errors import FieldViolation, InvalidArgumentError
 from crewdb.services.conversations import ConversationService
 from crewdb.v1 import conversation_service_pb2 as pb
 from crewdb.v1 import conversation_service_pb2_grpc as pb_grpc
@@ -86,8 +85,6 @@ class ConversationServicer(pb_grpc.ConversationServiceServicer):
         self, request: pb.ExportConversationRequest, context: Context
     ) -> pb.ExportConversationResponse:
         export_format = convert.export_format_from_proto(request.format)
-        if export_format is None:
-            raise InvalidArgumentError.of([FieldViolation("format", "unknown format: use JSON or MARKDOWN")])
         document = await self._conversations.export(request.id, export_format)
         return convert.export(document)
 

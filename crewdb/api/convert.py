@@ -89,6 +89,7 @@ def message(record: Message) -> pb.Message:
         timestamp=timestamp(record.timestamp),
     )
     if record.metadata is not None:
+        result.metadata.SetInParent()  # an empty object is still "set"
         result.metadata.update(record.metadata)
     return result
 

@@ -8,8 +8,7 @@ import logging
 from collections.abc import Iterable
 
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from crewdb.db.engine import Database
 
@@ -25,7 +24,7 @@ class HealthReporter:
     """Runs `SELECT 1` every `interval` seconds and sets `""` and each service accordingly."""
 
     def __init__(self, server: aio.Server, db: Database, services: Iterable[str], interval: float) -> None:
-        self.servicer = HealthServicer()
+        self.servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
         self._db = db
         self._services = ["", *services]
@@ -40,7 +39,10 @@ class HealthReporter:
 
     async def probe(self) -> bool:
         try:
-            await asyncio.wait_for(self._db.ping(), PROBE_TIMEOUT_SECONDS)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation
+            # that shutdown sends when it lands as the probe completes (CPython gh-86296).
+            async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+                await self._db.ping()
             healthy = True
         except Exception as error:  # noqa: BLE001 - any failure means not serving
             healthy = False

@@ -143,7 +143,7 @@ def list_conversations(conn: Connection, after: Position | None, limit: int) -> 
     else:
         params = {"p_limit": limit, "p_updated_at": after[0], "p_id": after[1]}
         rows = conn.execute(_LIST_CONVERSATIONS_AFTER, params)
-    return [_conversation(row) for row in rows]
+    return [_conversation(row) for row in rows.all()]
 
 
 def update_title(conn: Connection, conversation_id: str, title: str, now: datetime) -> Conversation | None:
@@ -208,7 +208,7 @@ def list_messages(
             "p_id": after[1],
         }
         rows = conn.execute(_LIST_MESSAGES_AFTER, params)
-    return [_message(row) for row in rows]
+    return [_message(row) for row in rows.all()]
 
 
 def find_message_position(conn: Connection, conversation_id: str, message_id: str) -> Position | None:
@@ -236,12 +236,9 @@ def _contains(column: ColumnElement[str], query: str) -> ColumnElement[bool]:
     return column.ilike(f"%{escaped}%", escape="\\")
 
 
-# A title match weighs as much as this many matching messages.
-TITLE_WEIGHT = 10
-
-
 def search(conn: Connection, query: str, limit: int) -> list[tuple[Conversation, int, bool]]:
-    """Conversations whose title or messages contain `query`, best first.
+    """Conversations whose title or messages contain `query`: title matches first, then by
+    number of matching messages, then most recently updated.
 
     Returns (conversation, number of matching messages, whether the title matched).
     """
@@ -253,17 +250,18 @@ def search(conn: Connection, query: str, limit: int) -> list[tuple[Conversation,
     )
     in_title = _contains(conversations.c.title, query)
     hit_count = func.coalesce(hits.c.hits, 0)
-    title_score = case((in_title, TITLE_WEIGHT), else_=0)
+    title_flag = case((in_title, 1), else_=0)
     rows = conn.execute(
         select(
             *_CONVERSATION_COLUMNS,
             hit_count.label("hits"),
-            case((in_title, 1), else_=0).label("in_title"),
+            title_flag.label("in_title"),
         )
         .select_from(conversations.outerjoin(hits, hits.c.conversation_id == conversations.c.id))
         .where(or_(hits.c.hits.is_not(None), in_title))
         .order_by(
-            (hit_count + title_score).desc(),
+            title_flag.desc(),
+            hit_count.desc(),
             conversations.c.updated_at.desc(),
             conversations.c.id.desc(),
         )

@@ -6,10 +6,10 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
@@ -36,7 +36,7 @@ from crewdb.models import (
     SearchHit,
 )
 from crewdb.services.events import MessageEvents
-from crewdb.services.pagination import PageTokens, page_size
+from crewdb.services.pagination import PageTokens, check_page_size, page_size
 
 # Limits; the proto documents the same numbers.
 ID_MAX_LENGTH = 128
@@ -51,8 +51,18 @@ SEARCH_PAGE = (20, 100)
 STATS_DAYS = 7
 EXPORT_MAX_BYTES = 32 * 1024 * 1024
 SNIPPET_LENGTH = 160
+# Added to a search result's score when its title matches: a title match outranks any number
+# of matching messages, as the proto promises.
+TITLE_MATCH_SCORE = 1_000_000_000
 # Messages a watcher reads from the database at a time while catching up.
 WATCH_BATCH = 500
+# Reads of at most this many rows run on the event loop (see ConversationService._read).
+INLINE_READ_ROWS = 201
+# A ListMessages page ends early rather than carry more content than this.
+MESSAGES_PAGE_MAX_CHARACTERS = 2_000_000
+
+
+T = TypeVar("T")
 
 
 def conversation_not_found(conversation_id: str) -> NotFoundError:
@@ -82,15 +92,16 @@ class ConversationService:
     async def get_conversation(self, conversation_id: str) -> Conversation:
         """Raises: InvalidArgumentError, NotFoundError."""
         _raise_if(_check_id("id", conversation_id))
-        found = await self._db.read(lambda conn: store.get_conversation(conn, conversation_id))
+        found = self._db.read_now(lambda conn: store.get_conversation(conn, conversation_id))
         return _must_exist(found, conversation_id)
 
     async def list_conversations(self, size: int, token: str) -> Page[Conversation]:
         """Most recently updated first. Raises: InvalidArgumentError."""
+        _raise_if(check_page_size(size))
         limit = page_size(size, default=CONVERSATIONS_PAGE[0], maximum=CONVERSATIONS_PAGE[1])
         scope = "conversations"
         after = _position(self._tokens.decode(scope, token)) if token else None
-        rows = await self._db.read(lambda conn: store.list_conversations(conn, after, limit + 1))
+        rows = await self._read(limit, lambda conn: store.list_conversations(conn, after, limit + 1))
         return self._page(rows, limit, scope, store.conversation_position)
 
     async def update_title(self, conversation_id: str, title: str) -> Conversation:
@@ -151,20 +162,28 @@ class ConversationService:
 
     async def list_messages(self, conversation_id: str, size: int, token: str) -> Page[Message]:
         """Oldest first. Raises: InvalidArgumentError, NotFoundError."""
-        _raise_if(_check_id("conversation_id", conversation_id))
+        _raise_if(_check_id("conversation_id", conversation_id) + check_page_size(size))
         limit = page_size(size, default=MESSAGES_PAGE[0], maximum=MESSAGES_PAGE[1])
         scope = f"messages:{conversation_id}"
         after = _position(self._tokens.decode(scope, token)) if token else None
 
         def work(conn: Connection) -> list[Message] | None:
-            if not store.conversation_exists(conn, conversation_id):
+            rows = store.list_messages(conn, conversation_id, after, limit + 1)
+            if not rows and not store.conversation_exists(conn, conversation_id):
                 return None
-            return store.list_messages(conn, conversation_id, after, limit + 1)
+            return rows
 
-        rows = await self._db.read(work)
+        rows = await self._read(limit, work)
         if rows is None:
             raise conversation_not_found(conversation_id)
-        return self._page(rows, limit, scope, store.message_position)
+        # A page of long messages ends early, so that it still fits in one response.
+        cut, characters = 0, 0
+        for message in rows[:limit]:
+            characters += len(message.content)
+            if cut and characters > MESSAGES_PAGE_MAX_CHARACTERS:
+                break
+            cut += 1
+        return self._page(rows, cut, scope, store.message_position)
 
     async def search(self, query: str, size: int) -> list[SearchHit]:
         """Title and content substring search, best first. Raises: InvalidArgumentError."""
@@ -173,9 +192,7 @@ class ConversationService:
             violations.append(FieldViolation("query", "required"))
         elif len(query) > QUERY_MAX_LENGTH:
             violations.append(FieldViolation("query", f"at most {QUERY_MAX_LENGTH} characters"))
-        if size < 0:
-            violations.append(FieldViolation("page_size", "must not be negative"))
-        _raise_if(violations)
+        _raise_if(violations + check_page_size(size))
         limit = page_size(size, default=SEARCH_PAGE[0], maximum=SEARCH_PAGE[1])
 
         def work(conn: Connection) -> list[SearchHit]:
@@ -186,7 +203,7 @@ class ConversationService:
                     first = store.first_matching_message(conn, conversation.id, query)
                     if first is not None:
                         message_id, snippet_source = first
-                score = matching + (store.TITLE_WEIGHT if in_title else 0)
+                score = matching + (TITLE_MATCH_SCORE if in_title else 0)
                 hits.append(
                     SearchHit(
                         conversation=conversation,
@@ -219,13 +236,16 @@ class ConversationService:
             messages_per_day=[DailyCount(day, per_day.get(day.isoformat(), 0)) for day in days],
         )
 
-    async def export(self, conversation_id: str, export_format: ExportFormat) -> ExportDocument:
+    async def export(self, conversation_id: str, export_format: ExportFormat | None) -> ExportDocument:
         """The whole conversation as one document.
 
         Raises: InvalidArgumentError, NotFoundError, ResourceExhaustedError (over
         EXPORT_MAX_BYTES).
         """
-        _raise_if(_check_id("id", conversation_id))
+        violations = _check_id("id", conversation_id)
+        if export_format is None:
+            violations.append(FieldViolation("format", "unknown format: use JSON or MARKDOWN"))
+        _raise_if(violations)
 
         def work(conn: Connection) -> tuple[Conversation | None, list[Message]]:
             conversation = store.get_conversation(conn, conversation_id)
@@ -281,7 +301,7 @@ class ConversationService:
         # Find the starting point first, then subscribe, then read from the database
         # everything after the starting point: a message committed in between is in that
         # read, one committed later is in the subscription too, and `last` drops the repeat.
-        last = await self._db.read(start)
+        last = self._db.read_now(start)
         subscription = self._events.subscribe(conversation_id)
         try:
             catch_up = True
@@ -309,6 +329,13 @@ class ConversationService:
                     await subscription.wait()
         finally:
             self._events.unsubscribe(subscription)
+
+    async def _read(self, rows: int, work: Callable[[Connection], T]) -> T:
+        """Small reads run on the event loop (cheaper than a thread hop), larger ones on a
+        reader thread so that they cannot stall other calls."""
+        if rows <= INLINE_READ_ROWS:
+            return self._db.read_now(work)
+        return await self._db.read(work)
 
     def _page(self, rows: list[Any], limit: int, scope: str, position: Any) -> Page[Any]:
         if len(rows) <= limit:

@@ -13,15 +13,14 @@ from crewdb.errors import FieldViolation, InvalidArgumentError
 _MAC_BYTES = 16
 
 
-def page_size(requested: int, *, default: int, maximum: int, field: str = "page_size") -> int:
-    """0 means `default`; above `maximum` is clamped.
+def check_page_size(requested: int, field: str = "page_size") -> list[FieldViolation]:
+    """The violation of a negative page size, to report with the request's other problems."""
+    return [FieldViolation(field, "must not be negative")] if requested < 0 else []
 
-    Raises:
-        InvalidArgumentError: `requested` is negative.
-    """
-    if requested < 0:
-        raise InvalidArgumentError.of([FieldViolation(field, "must not be negative")])
-    return min(requested or default, maximum)
+
+def page_size(requested: int, *, default: int, maximum: int) -> int:
+    """0 means `default`; above `maximum` is clamped; negative means `default` (check first)."""
+    return min(max(requested, 0) or default, maximum)
 
 
 class PageTokens:

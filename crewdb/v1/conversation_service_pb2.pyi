@@ -390,7 +390,7 @@ class SearchConversationsRequest(_message.Message):
     QUERY_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Required, 1 to 200 characters; matched as a literal substring."""
+    """Required, 1 to 200 characters, not only whitespace; matched as a literal substring."""
     page_size: _builtins.int
     """0 for the default (20); at most 100 (larger values are clamped); negative is refused."""
     def __init__(
@@ -441,7 +441,9 @@ class SearchResult(_message.Message):
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
     MATCHING_MESSAGES_FIELD_NUMBER: _builtins.int
     score: _builtins.float
-    """Relevance, higher is better; only meaningful for comparing results of the same search."""
+    """Relevance, higher is better: the number of matching messages, plus 1e9 when the title
+    matches. Only meaningful for comparing results of the same search.
+    """
     snippet: _builtins.str
     """Up to about 160 characters of the title or message around the first match, with `…`
     where text was cut.

@@ -32,13 +32,15 @@ class ConversationServiceStub:
     Errors: every failure carries a `google.rpc.Status` in the `grpc-status-details-bin` trailer
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
-    INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN, INTERNAL.
+    INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
+    EXPORT_TOO_LARGE, INTERNAL. (A request over 4 MiB is refused by gRPC itself with
+    RESOURCE_EXHAUSTED and no details; nothing within the limits below comes near it.)
 
     Limits (all INVALID_ARGUMENT when exceeded):
     - conversation title: at most 200 characters;
     - message content: 1 to 100,000 characters, and not only whitespace;
     - message metadata: at most 16 KiB once serialized as JSON, 32 levels deep;
-    - search query: 1 to 200 characters;
+    - search query: 1 to 200 characters, not only whitespace;
     - page_size: 0 means the default, negative is refused, above the maximum is clamped.
 
     Ordering uses server timestamps with microsecond resolution and the id as tie-breaker, so a
@@ -116,13 +118,15 @@ class ConversationServiceServicer:
     Errors: every failure carries a `google.rpc.Status` in the `grpc-status-details-bin` trailer
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
-    INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN, INTERNAL.
+    INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
+    EXPORT_TOO_LARGE, INTERNAL. (A request over 4 MiB is refused by gRPC itself with
+    RESOURCE_EXHAUSTED and no details; nothing within the limits below comes near it.)
 
     Limits (all INVALID_ARGUMENT when exceeded):
     - conversation title: at most 200 characters;
     - message content: 1 to 100,000 characters, and not only whitespace;
     - message metadata: at most 16 KiB once serialized as JSON, 32 levels deep;
-    - search query: 1 to 200 characters;
+    - search query: 1 to 200 characters, not only whitespace;
     - page_size: 0 means the default, negative is refused, above the maximum is clamped.
 
     Ordering uses server timestamps with microsecond resolution and the id as tie-breaker, so a
@@ -177,7 +181,9 @@ class ConversationServiceServicer:
 
     def ListMessages(self, request, context):
         """Lists a conversation's messages, oldest first.
-        page_size: default 100, maximum 1000.
+        page_size: default 100, maximum 1000. A page of long messages may end before page_size
+        (it carries at most about 2,000,000 characters of content): only an empty
+        next_page_token means the listing is complete.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,9 +191,10 @@ class ConversationServiceServicer:
 
     def SearchConversations(self, request, context):
         """Finds conversations whose title or message content contains `query` (case-insensitive for
-        ASCII letters). `%`, `_` and backslash in the query are matched literally. Ranked by relevance:
-        a title match outweighs message matches, more matching messages rank higher, and the more
-        recently updated conversation wins a tie. page_size: default 20, maximum 100.
+        ASCII letters). `%`, `_` and backslash in the query are matched literally. Ranked by
+        relevance: conversations whose title matches come first, then more matching messages rank
+        higher, and the more recently updated conversation wins a tie. page_size: default 20,
+        maximum 100.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -202,6 +209,8 @@ class ConversationServiceServicer:
 
     def ExportConversation(self, request, context):
         """Renders a whole conversation with its messages as a JSON or Markdown document.
+        RESOURCE_EXHAUSTED (EXPORT_TOO_LARGE) when the document would exceed 32 MiB; page through
+        ListMessages instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -290,13 +299,15 @@ class ConversationService:
     Errors: every failure carries a `google.rpc.Status` in the `grpc-status-details-bin` trailer
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
-    INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN, INTERNAL.
+    INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
+    EXPORT_TOO_LARGE, INTERNAL. (A request over 4 MiB is refused by gRPC itself with
+    RESOURCE_EXHAUSTED and no details; nothing within the limits below comes near it.)
 
     Limits (all INVALID_ARGUMENT when exceeded):
     - conversation title: at most 200 characters;
     - message content: 1 to 100,000 characters, and not only whitespace;
     - message metadata: at most 16 KiB once serialized as JSON, 32 levels deep;
-    - search query: 1 to 200 characters;
+    - search query: 1 to 200 characters, not only whitespace;
     - page_size: 0 means the default, negative is refused, above the maximum is clamped.
 
     Ordering uses server timestamps with microsecond resolution and the id as tie-breaker, so a

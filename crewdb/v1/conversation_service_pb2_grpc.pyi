@@ -33,13 +33,15 @@ class ConversationServiceStub:
     Errors: every failure carries a `google.rpc.Status` in the `grpc-status-details-bin` trailer
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
-    INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN, INTERNAL.
+    INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
+    EXPORT_TOO_LARGE, INTERNAL. (A request over 4 MiB is refused by gRPC itself with
+    RESOURCE_EXHAUSTED and no details; nothing within the limits below comes near it.)
 
     Limits (all INVALID_ARGUMENT when exceeded):
       - conversation title: at most 200 characters;
       - message content: 1 to 100,000 characters, and not only whitespace;
       - message metadata: at most 16 KiB once serialized as JSON, 32 levels deep;
-      - search query: 1 to 200 characters;
+      - search query: 1 to 200 characters, not only whitespace;
       - page_size: 0 means the default, negative is refused, above the maximum is clamped.
 
     Ordering uses server timestamps with microsecond resolution and the id as tie-breaker, so a
@@ -70,18 +72,24 @@ class ConversationServiceStub:
     """Appends a message to a conversation and bumps the conversation's `updated_at`."""
     ListMessages: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.ListMessagesRequest, _conversation_service_pb2.ListMessagesResponse]
     """Lists a conversation's messages, oldest first.
-    page_size: default 100, maximum 1000.
+    page_size: default 100, maximum 1000. A page of long messages may end before page_size
+    (it carries at most about 2,000,000 characters of content): only an empty
+    next_page_token means the listing is complete.
     """
     SearchConversations: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.SearchConversationsRequest, _conversation_service_pb2.SearchConversationsResponse]
     """Finds conversations whose title or message content contains `query` (case-insensitive for
-    ASCII letters). `%`, `_` and backslash in the query are matched literally. Ranked by relevance:
-    a title match outweighs message matches, more matching messages rank higher, and the more
-    recently updated conversation wins a tie. page_size: default 20, maximum 100.
+    ASCII letters). `%`, `_` and backslash in the query are matched literally. Ranked by
+    relevance: conversations whose title matches come first, then more matching messages rank
+    higher, and the more recently updated conversation wins a tie. page_size: default 20,
+    maximum 100.
     """
     GetConversationStats: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.GetConversationStatsRequest, _conversation_service_pb2.ConversationStats]
     """Totals over all conversations and the number of messages per UTC day for the last 7 days."""
     ExportConversation: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.ExportConversationRequest, _conversation_service_pb2.ExportConversationResponse]
-    """Renders a whole conversation with its messages as a JSON or Markdown document."""
+    """Renders a whole conversation with its messages as a JSON or Markdown document.
+    RESOURCE_EXHAUSTED (EXPORT_TOO_LARGE) when the document would exceed 32 MiB; page through
+    ListMessages instead.
+    """
     WatchMessages: _grpc.UnaryStreamMultiCallable[_conversation_service_pb2.WatchMessagesRequest, _conversation_service_pb2.WatchMessagesResponse]
     """Streams messages added to a conversation, in order, until the client cancels.
     With `after_message_id` set, first replays every message after that one, then continues
@@ -97,13 +105,15 @@ class ConversationServiceAsyncStub(ConversationServiceStub):
     Errors: every failure carries a `google.rpc.Status` in the `grpc-status-details-bin` trailer
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
-    INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN, INTERNAL.
+    INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
+    EXPORT_TOO_LARGE, INTERNAL. (A request over 4 MiB is refused by gRPC itself with
+    RESOURCE_EXHAUSTED and no details; nothing within the limits below comes near it.)
 
     Limits (all INVALID_ARGUMENT when exceeded):
       - conversation title: at most 200 characters;
       - message content: 1 to 100,000 characters, and not only whitespace;
       - message metadata: at most 16 KiB once serialized as JSON, 32 levels deep;
-      - search query: 1 to 200 characters;
+      - search query: 1 to 200 characters, not only whitespace;
       - page_size: 0 means the default, negative is refused, above the maximum is clamped.
 
     Ordering uses server timestamps with microsecond resolution and the id as tie-breaker, so a
@@ -131,18 +141,24 @@ class ConversationServiceAsyncStub(ConversationServiceStub):
     """Appends a message to a conversation and bumps the conversation's `updated_at`."""
     ListMessages: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.ListMessagesRequest, _conversation_service_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Lists a conversation's messages, oldest first.
-    page_size: default 100, maximum 1000.
+    page_size: default 100, maximum 1000. A page of long messages may end before page_size
+    (it carries at most about 2,000,000 characters of content): only an empty
+    next_page_token means the listing is complete.
     """
     SearchConversations: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.SearchConversationsRequest, _conversation_service_pb2.SearchConversationsResponse]  # type: ignore[assignment]
     """Finds conversations whose title or message content contains `query` (case-insensitive for
-    ASCII letters). `%`, `_` and backslash in the query are matched literally. Ranked by relevance:
-    a title match outweighs message matches, more matching messages rank higher, and the more
-    recently updated conversation wins a tie. page_size: default 20, maximum 100.
+    ASCII letters). `%`, `_` and backslash in the query are matched literally. Ranked by
+    relevance: conversations whose title matches come first, then more matching messages rank
+    higher, and the more recently updated conversation wins a tie. page_size: default 20,
+    maximum 100.
     """
     GetConversationStats: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.GetConversationStatsRequest, _conversation_service_pb2.ConversationStats]  # type: ignore[assignment]
     """Totals over all conversations and the number of messages per UTC day for the last 7 days."""
     ExportConversation: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.ExportConversationRequest, _conversation_service_pb2.ExportConversationResponse]  # type: ignore[assignment]
-    """Renders a whole conversation with its messages as a JSON or Markdown document."""
+    """Renders a whole conversation with its messages as a JSON or Markdown document.
+    RESOURCE_EXHAUSTED (EXPORT_TOO_LARGE) when the document would exceed 32 MiB; page through
+    ListMessages instead.
+    """
     WatchMessages: _aio.UnaryStreamMultiCallable[_conversation_service_pb2.WatchMessagesRequest, _conversation_service_pb2.WatchMessagesResponse]  # type: ignore[assignment]
     """Streams messages added to a conversation, in order, until the client cancels.
     With `after_message_id` set, first replays every message after that one, then continues
@@ -157,13 +173,15 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
     Errors: every failure carries a `google.rpc.Status` in the `grpc-status-details-bin` trailer
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
-    INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN, INTERNAL.
+    INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
+    EXPORT_TOO_LARGE, INTERNAL. (A request over 4 MiB is refused by gRPC itself with
+    RESOURCE_EXHAUSTED and no details; nothing within the limits below comes near it.)
 
     Limits (all INVALID_ARGUMENT when exceeded):
       - conversation title: at most 200 characters;
       - message content: 1 to 100,000 characters, and not only whitespace;
       - message metadata: at most 16 KiB once serialized as JSON, 32 levels deep;
-      - search query: 1 to 200 characters;
+      - search query: 1 to 200 characters, not only whitespace;
       - page_size: 0 means the default, negative is refused, above the maximum is clamped.
 
     Ordering uses server timestamps with microsecond resolution and the id as tie-breaker, so a
@@ -231,7 +249,9 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_conversation_service_pb2.ListMessagesResponse, _abc.Awaitable[_conversation_service_pb2.ListMessagesResponse]]:
         """Lists a conversation's messages, oldest first.
-        page_size: default 100, maximum 1000.
+        page_size: default 100, maximum 1000. A page of long messages may end before page_size
+        (it carries at most about 2,000,000 characters of content): only an empty
+        next_page_token means the listing is complete.
         """
 
     @_abc_1.abstractmethod
@@ -241,9 +261,10 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_conversation_service_pb2.SearchConversationsResponse, _abc.Awaitable[_conversation_service_pb2.SearchConversationsResponse]]:
         """Finds conversations whose title or message content contains `query` (case-insensitive for
-        ASCII letters). `%`, `_` and backslash in the query are matched literally. Ranked by relevance:
-        a title match outweighs message matches, more matching messages rank higher, and the more
-        recently updated conversation wins a tie. page_size: default 20, maximum 100.
+        ASCII letters). `%`, `_` and backslash in the query are matched literally. Ranked by
+        relevance: conversations whose title matches come first, then more matching messages rank
+        higher, and the more recently updated conversation wins a tie. page_size: default 20,
+        maximum 100.
         """
 
     @_abc_1.abstractmethod
@@ -260,7 +281,10 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _conversation_service_pb2.ExportConversationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_conversation_service_pb2.ExportConversationResponse, _abc.Awaitable[_conversation_service_pb2.ExportConversationResponse]]:
-        """Renders a whole conversation with its messages as a JSON or Markdown document."""
+        """Renders a whole conversation with its messages as a JSON or Markdown document.
+        RESOURCE_EXHAUSTED (EXPORT_TOO_LARGE) when the document would exceed 32 MiB; page through
+        ListMessages instead.
+        """
 
     @_abc_1.abstractmethod
     def WatchMessages(

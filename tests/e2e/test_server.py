@@ -41,7 +41,7 @@ def test_health_reports_serving_for_the_server_and_each_service(channel: grpc.Ch
 def test_health_of_an_unknown_service_is_not_found(channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         _health(channel, "no.such.Service")
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_health_turns_not_serving_when_the_database_probe_fails(
@@ -63,7 +63,7 @@ def _reflection_request(
         request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
     )
-    return next(iter(call(iter([request]), timeout=5)))  # type: ignore[no-any-return]
+    return next(iter(call(iter([request]), timeout=5)))
 
 
 @pytest.mark.parametrize("version", ["v1", "v1alpha"])
@@ -133,7 +133,7 @@ def test_an_unexpected_failure_is_internal_with_a_request_id_and_no_traceback(
             with pytest.raises(grpc.RpcError) as caught:
                 stub.ListMessages(
                     pb.ListMessagesRequest(conversation_id=conversation.id),
-                    metadata=[("x-request-id", "trace-me-123")],
+                    metadata=(("x-request-id", "trace-me-123"),),
                 )
     finally:
         stop()

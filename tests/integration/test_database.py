@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,11 @@ from crewdb.models import MessageRole
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
+def db(tmp_path: Path) -> Iterator[Database]:
     engine = create_engine(sqlite_url(tmp_path / "app.db"))
     migrate(engine)
     database = Database(engine, read_threads=2)
-    yield database  # type: ignore[misc]
+    yield database
     database.close()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from crewdb.errors import InvalidArgumentError
-from crewdb.services.pagination import PageTokens, page_size
+from crewdb.services.pagination import PageTokens, check_page_size, page_size
 
 KEY = b"k" * 32
 
@@ -49,10 +49,12 @@ def test_token_from_another_key_is_refused() -> None:
         PageTokens(b"b" * 32).decode("conversations", token)
 
 
-def test_page_size_defaults_clamps_and_refuses_negative() -> None:
+def test_page_size_defaults_and_clamps() -> None:
     assert page_size(0, default=50, maximum=200) == 50
     assert page_size(10, default=50, maximum=200) == 10
     assert page_size(10_000, default=50, maximum=200) == 200
-    with pytest.raises(InvalidArgumentError) as caught:
-        page_size(-1, default=50, maximum=200)
-    assert caught.value.violations[0].field == "page_size"
+
+
+def test_negative_page_size_is_a_violation_of_that_field() -> None:
+    assert [v.field for v in check_page_size(-1)] == ["page_size"]
+    assert check_page_size(0) == []
