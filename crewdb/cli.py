@@ -10,8 +10,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from crewdb.config import ConfigError, Settings
-from crewdb.db.engine import create_engine, sqlite_url
-from crewdb.db.migrate import migrate
+from crewdb.db.migrate import open_database
 from crewdb.errors import CrewdbError
 from crewdb.server import StartupError, serve
 
@@ -74,14 +73,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return 0
 
     if args.command == "migrate":
-        engine = create_engine(sqlite_url(settings.database_path))
         try:
-            before, after = migrate(engine)
+            engine, before, after = open_database(settings.database_path)
         except CrewdbError as error:
-            log.error("%s", error.message)
+            log.error("DATABASE_PATH=%s: %s", settings.database_path, error.message)
             return 1
-        finally:
-            engine.dispose()
+        engine.dispose()
         print(f"database {settings.database_path}: {before or 'empty'} -> {after}")
         return 0
     raise AssertionError(args.command)  # argparse allows only the commands above

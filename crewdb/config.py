@@ -60,6 +60,8 @@ class Settings:
             ),
             shutdown_grace=parser.get("CREWDB_SHUTDOWN_GRACE", float, default.shutdown_grace, _non_negative),
         )
+        if str(settings.database_path).startswith(":memory:") or not settings.database_path.name:
+            parser.errors.append(f"DATABASE_PATH={env.get('DATABASE_PATH')!r}: expected a file path")
         if settings.chroma_port is not None and settings.chroma_host is None:
             parser.errors.append("CHROMA_PORT is set but CHROMA_HOST is not: set both or neither")
         if parser.errors:

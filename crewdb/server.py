@@ -16,16 +16,16 @@ from grpc_health.v1 import health
 from crewdb.api import reflection
 from crewdb.api.conversations import ConversationServicer
 from crewdb.api.health import HealthReporter
-from crewdb.api.middleware import guard
+from crewdb.api.middleware import mount
 from crewdb.clock import Clock
 from crewdb.config import Settings
-from crewdb.db.engine import Database, create_engine, sqlite_url
-from crewdb.db.migrate import migrate
+from crewdb.db.engine import Database
+from crewdb.db.migrate import open_database
 from crewdb.errors import FailedPreconditionError
 from crewdb.services.conversations import ConversationService
 from crewdb.services.events import MessageEvents
 from crewdb.services.pagination import PageTokens
-from crewdb.v1 import conversation_service_pb2, conversation_service_pb2_grpc
+from crewdb.v1 import conversation_service_pb2
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +85,19 @@ async def build_server(settings: Settings) -> App:
     Raises:
         StartupError: the port cannot be bound or the database cannot be migrated.
     """
-    engine = create_engine(sqlite_url(settings.database_path), pool_size=settings.db_read_threads + 1)
     try:
-        await asyncio.to_thread(migrate, engine)
+        engine, _, _ = await asyncio.to_thread(
+            open_database, settings.database_path, pool_size=settings.db_read_threads + 1
+        )
     except FailedPreconditionError as error:
-        engine.dispose()
-        raise StartupError(f"database {settings.database_path}: {error.message}") from error
+        raise StartupError(f"DATABASE_PATH={settings.database_path}: {error.message}") from error
     db = Database(engine, read_threads=settings.db_read_threads)
     events = MessageEvents()
     conversations = ConversationService(db, events, PageTokens(page_token_key(settings)), Clock())
 
     server = aio.server(options=_SERVER_OPTIONS)
-    conversation_service_pb2_grpc.add_ConversationServiceServicer_to_server(
-        guard(ConversationServicer(conversations), CONVERSATION_DESCRIPTOR), server
-    )
-    reporter = HealthReporter(server, db, [CONVERSATION_SERVICE], settings.health_check_interval)
+    mount(server, ConversationServicer(conversations), CONVERSATION_DESCRIPTOR)
+    reporter = HealthReporter(server, db.ping, [CONVERSATION_SERVICE], settings.health_check_interval)
     reflection.enable(server, [CONVERSATION_SERVICE, health.SERVICE_NAME])
 
     address = _address(settings.host, settings.port)

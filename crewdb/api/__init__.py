@@ -1,1 +1,1 @@
-"""The gRPC layer: servicers, interceptors, and conversions between protobuf and domain types."""
+"""The gRPC layer: servicers, middleware, and conversions between protobuf and domain types."""

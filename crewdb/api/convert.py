@@ -7,6 +7,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from crewdb.errors import FieldViolation, InvalidArgumentError
 from crewdb.models import (
     Conversation,
     ConversationStats,
@@ -54,7 +55,13 @@ def export_format_from_proto(number: int) -> ExportFormat | None:
 
 def struct_to_dict(struct: struct_pb2.Struct) -> JsonObject:
     """A Struct as plain JSON; whole numbers come back as ints (Struct only has doubles)."""
-    return _whole_numbers(json_format.MessageToDict(struct))  # type: ignore[no-any-return]
+    try:
+        as_dict = json_format.MessageToDict(struct)
+    except ValueError:  # NaN and infinities have no JSON form
+        raise InvalidArgumentError.of(
+            [FieldViolation("metadata", "numbers must be finite (no NaN or Infinity)")]
+        ) from None
+    return _whole_numbers(as_dict)  # type: ignore[no-any-return]
 
 
 _MAX_EXACT_INT = 2**53

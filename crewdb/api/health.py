@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-from crewdb.db.engine import Database
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +21,16 @@ PROBE_TIMEOUT_SECONDS = 2.0
 class HealthReporter:
     """Runs `SELECT 1` every `interval` seconds and sets `""` and each service accordingly."""
 
-    def __init__(self, server: aio.Server, db: Database, services: Iterable[str], interval: float) -> None:
+    def __init__(
+        self,
+        server: aio.Server,
+        probe: Callable[[], Awaitable[None]],
+        services: Iterable[str],
+        interval: float,
+    ) -> None:
         self.servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
-        self._db = db
+        self._probe = probe
         self._services = ["", *services]
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
@@ -42,12 +46,12 @@ class HealthReporter:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation
             # that shutdown sends when it lands as the probe completes (CPython gh-86296).
             async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
-                await self._db.ping()
+                await self._probe()
             healthy = True
         except Exception as error:  # noqa: BLE001 - any failure means not serving
             healthy = False
             if self._healthy is not False:
-                log.warning("database probe failed: %s", error or type(error).__name__)
+                log.warning("database probe failed: %s", str(error) or type(error).__name__)
         if healthy != self._healthy:
             if healthy and self._healthy is False:
                 log.info("database probe passes again")

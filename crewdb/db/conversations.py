@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -113,6 +113,13 @@ _CONVERSATION_MESSAGES = (
     .order_by(messages.c.timestamp, messages.c.id)
 )
 _LIST_MESSAGES = _CONVERSATION_MESSAGES.limit(bindparam("p_limit"))
+_LAST_MESSAGE_TIME = (
+    select(messages.c.timestamp)
+    .where(messages.c.conversation_id == bindparam("p_conversation_id"))
+    .order_by(messages.c.timestamp.desc())
+    .limit(1)
+)
+_ONE_MICROSECOND = timedelta(microseconds=1)
 _LIST_MESSAGES_AFTER = _LIST_MESSAGES.where(
     tuple_(messages.c.timestamp, messages.c.id) > tuple_(bindparam("p_timestamp"), bindparam("p_id"))
 )
@@ -168,7 +175,15 @@ def insert_message(
     metadata: JsonObject | None,
     now: datetime,
 ) -> Message | None:
-    """Appends a message and bumps the conversation; None when the conversation is missing."""
+    """Appends a message and bumps the conversation; None when the conversation is missing.
+
+    The message's timestamp is `now`, or just after the conversation's last message when that
+    is later (a restart with a clock that stepped back), so that order by (timestamp, id)
+    stays the order messages were added in, which pagination and watchers rely on.
+    """
+    last = conn.execute(_LAST_MESSAGE_TIME, {"p_conversation_id": conversation_id}).scalar()
+    if last is not None and parse_timestamp(last) >= now:
+        now = parse_timestamp(last) + _ONE_MICROSECOND
     stamp = format_timestamp(now)
     bumped = conn.execute(_BUMP_CONVERSATION, {"p_id": conversation_id, "p_now": stamp})
     if bumped.rowcount == 0:
@@ -300,6 +315,15 @@ def messages_per_day(conn: Connection, since: datetime) -> dict[str, int]:
         .group_by(day)
     )
     return {row.day: int(row.n) for row in rows}
+
+
+def stored_size(conn: Connection, conversation_id: str) -> int:
+    """Characters of content and metadata stored for a conversation: a lower bound of its
+    size in bytes, read without loading a message."""
+    total = func.coalesce(
+        func.sum(func.length(messages.c.content) + func.coalesce(func.length(messages.c.metadata), 0)), 0
+    )
+    return int(conn.execute(select(total).where(messages.c.conversation_id == conversation_id)).scalar_one())
 
 
 def all_messages(conn: Connection, conversation_id: str) -> Sequence[Message]:

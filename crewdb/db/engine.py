@@ -29,6 +29,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from crewdb.errors import UnavailableError
 
 T = TypeVar("T")
+
+__all__ = ["Connection", "Database", "create_engine", "sqlite_url"]
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
@@ -75,13 +77,40 @@ def _on_sqlite_begin(connection: Connection) -> None:
     )
 
 
+# SQLite result codes that say the database is out of reach for now (locked by another
+# writer, file missing or unreadable, disk full or failing): retrying later can work. Anything
+# else (a missing table or column, a constraint) is a defect and stays INTERNAL, so that
+# clients with retry policies do not retry it forever.
+_TRANSIENT_SQLITE_ERRORS = frozenset(
+    {
+        "SQLITE_BUSY",
+        "SQLITE_LOCKED",
+        "SQLITE_CANTOPEN",
+        "SQLITE_IOERR",
+        "SQLITE_FULL",
+        "SQLITE_READONLY",
+        "SQLITE_PROTOCOL",
+        "SQLITE_NOTADB",
+        "SQLITE_CORRUPT",
+    }
+)
+
+
 def _as_domain_error(error: BaseException) -> BaseException:
-    if isinstance(error, OperationalError):
-        log.warning("database unavailable: %s", error.orig)
-        return UnavailableError("database unavailable, try again")
+    """UnavailableError for a database that is out of reach; `error` itself otherwise."""
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return UnavailableError("database connection lost, try again")
+    if isinstance(error, OperationalError):
+        name = getattr(error.orig, "sqlite_errorname", None)
+        if name is None or _is_transient(name):
+            log.warning("database unavailable: %s", error.orig)
+            return UnavailableError("database unavailable, try again")
     return error
+
+
+def _is_transient(name: str) -> bool:
+    # Extended codes (SQLITE_IOERR_WRITE, SQLITE_BUSY_SNAPSHOT) belong to their primary code.
+    return any(name == code or name.startswith(code + "_") for code in _TRANSIENT_SQLITE_ERRORS)
 
 
 class Database:
@@ -99,6 +128,7 @@ class Database:
         self._local = threading.local()
         self._connections: list[Connection] = []
         self._connections_lock = threading.Lock()
+        self._closed = False
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         """Runs `work` in a read transaction (one consistent snapshot) on a reader thread.
@@ -146,10 +176,16 @@ class Database:
         return self._writer.submit(self._run, self._writer_engine, work, None).result()
 
     async def ping(self) -> None:
-        """Raises UnavailableError unless the database answers `SELECT 1`."""
-        await self.read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar_one())
+        """Raises UnavailableError unless the database answers `SELECT 1`.
+
+        Runs on the loop's own connection, not a reader thread: a health probe must not wait
+        in line behind long searches and exports and be mistaken for an outage. `SELECT 1`
+        touches no table, so it never waits on a lock.
+        """
+        self.read_now(lambda conn: conn.exec_driver_sql("SELECT 1").scalar_one())
 
     def close(self) -> None:
+        self._closed = True
         self._readers.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True)
         with self._connections_lock:
@@ -183,6 +219,8 @@ class Database:
         work: Callable[[Connection], T],
         after_commit: Callable[[T], Any] | None,
     ) -> T:
+        if self._closed:
+            raise UnavailableError("database is closed (server shutting down)")
         try:
             conn = self._connection(engine)
             with conn.begin():

@@ -11,11 +11,9 @@ from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from sqlalchemy.engine import Connection
-
 from crewdb.clock import Clock, format_timestamp
 from crewdb.db import conversations as store
-from crewdb.db.engine import Database
+from crewdb.db.engine import Connection, Database
 from crewdb.errors import (
     FieldViolation,
     InvalidArgumentError,
@@ -54,12 +52,14 @@ SNIPPET_LENGTH = 160
 # Added to a search result's score when its title matches: a title match outranks any number
 # of matching messages, as the proto promises.
 TITLE_MATCH_SCORE = 1_000_000_000
-# Messages a watcher reads from the database at a time while catching up.
-WATCH_BATCH = 500
+# Messages a watcher reads from the database at a time while catching up (at most about
+# 100 x 100,000 characters held per watcher).
+WATCH_BATCH = 100
 # Reads of at most this many rows run on the event loop (see ConversationService._read).
 INLINE_READ_ROWS = 201
-# A ListMessages page ends early rather than carry more content than this.
-MESSAGES_PAGE_MAX_CHARACTERS = 2_000_000
+# A ListMessages page ends early rather than carry more than about this many bytes, which
+# keeps it under gRPC's default 4 MiB receive limit.
+MESSAGES_PAGE_MAX_BYTES = 3 * 1024 * 1024
 
 
 T = TypeVar("T")
@@ -176,11 +176,11 @@ class ConversationService:
         rows = await self._read(limit, work)
         if rows is None:
             raise conversation_not_found(conversation_id)
-        # A page of long messages ends early, so that it still fits in one response.
-        cut, characters = 0, 0
+        # A page of long messages ends early, so that it fits a client's default 4 MiB limit.
+        cut, size = 0, 0
         for message in rows[:limit]:
-            characters += len(message.content)
-            if cut and characters > MESSAGES_PAGE_MAX_CHARACTERS:
+            size += _wire_size(message)
+            if cut and size > MESSAGES_PAGE_MAX_BYTES:
                 break
             cut += 1
         return self._page(rows, cut, scope, store.message_position)
@@ -247,28 +247,34 @@ class ConversationService:
             violations.append(FieldViolation("format", "unknown format: use JSON or MARKDOWN"))
         _raise_if(violations)
 
-        def work(conn: Connection) -> tuple[Conversation | None, list[Message]]:
+        too_large = ResourceExhaustedError(
+            f"conversation {conversation_id!r} is too large to export in one response "
+            f"(limit {EXPORT_MAX_BYTES} bytes): page through ListMessages instead",
+            reason="EXPORT_TOO_LARGE",
+        )
+
+        # Everything, rendering included, on a reader thread: a large export must not hold
+        # up the event loop. The stored size is checked before any message is loaded.
+        def work(conn: Connection) -> ExportDocument | None:
             conversation = store.get_conversation(conn, conversation_id)
             if conversation is None:
-                return None, []
-            return conversation, list(store.all_messages(conn, conversation_id))
+                return None
+            if store.stored_size(conn, conversation_id) > EXPORT_MAX_BYTES:
+                raise too_large
+            messages = list(store.all_messages(conn, conversation_id))
+            if export_format is ExportFormat.MARKDOWN:
+                content = render_markdown(conversation, messages).encode()
+                name, media_type = f"conversation-{conversation.id}.md", "text/markdown; charset=utf-8"
+            else:
+                content = render_json(conversation, messages).encode()
+                name, media_type = f"conversation-{conversation.id}.json", "application/json"
+            if len(content) > EXPORT_MAX_BYTES:
+                raise too_large
+            return ExportDocument(name, media_type, content)
 
-        conversation, messages = await self._db.read(work)
-        conversation = _must_exist(conversation, conversation_id)
-        if export_format is ExportFormat.MARKDOWN:
-            content = render_markdown(conversation, messages).encode()
-            document = ExportDocument(
-                f"conversation-{conversation.id}.md", "text/markdown; charset=utf-8", content
-            )
-        else:
-            content = render_json(conversation, messages).encode()
-            document = ExportDocument(f"conversation-{conversation.id}.json", "application/json", content)
-        if len(document.content) > EXPORT_MAX_BYTES:
-            raise ResourceExhaustedError(
-                f"conversation {conversation_id!r} is too large to export in one response "
-                f"({len(document.content)} bytes, limit {EXPORT_MAX_BYTES})",
-                reason="EXPORT_TOO_LARGE",
-            )
+        document = await self._db.read(work)
+        if document is None:
+            raise conversation_not_found(conversation_id)
         return document
 
     async def watch(self, conversation_id: str, after_message_id: str) -> AsyncIterator[Message]:
@@ -312,7 +318,7 @@ class ConversationService:
                     raise UnavailableError("server is shutting down; resume from the last id")
                 if catch_up or subscription.lagged:
                     subscription.lagged = False
-                    subscription.pending.clear()
+                    subscription.drop_pending()
                     batch = await self._db.read(partial(_messages_after, conversation_id, last))
                     for message in batch:
                         last = store.message_position(message)
@@ -320,7 +326,7 @@ class ConversationService:
                     catch_up = len(batch) == WATCH_BATCH
                     continue
                 while subscription.pending and not subscription.lagged:
-                    message = subscription.pending.popleft()
+                    message = subscription.take()
                     position = store.message_position(message)
                     if last is None or position > last:
                         last = position
@@ -352,6 +358,14 @@ class ConversationService:
 
 def _messages_after(conversation_id: str, after: store.Position | None, conn: Connection) -> list[Message]:
     return store.list_messages(conn, conversation_id, after, WATCH_BATCH)
+
+
+def _wire_size(message: Message) -> int:
+    """About what `message` takes in a response (content and metadata dominate)."""
+    size = len(message.content.encode()) + 200
+    if message.metadata:
+        size += len(json.dumps(message.metadata, separators=(",", ":")).encode())
+    return size
 
 
 def _raise_if(violations: list[FieldViolation]) -> None:

@@ -1,8 +1,9 @@
 """In-process fan-out of conversation events to WatchMessages streams, on the event loop.
 
 Publishing never blocks and never grows memory without bound: each subscriber buffers up to
-`buffer` messages; past that it is marked lagged and catches up from the database, which is
-the source of truth. So a slow or stalled watcher costs a flag, not the server's memory.
+`buffer` messages or `buffer_bytes` of content; past that it is marked lagged and catches up
+from the database, which is the source of truth. So a slow or stalled watcher costs a flag,
+not the server's memory.
 Everything here runs on the event-loop thread; writers hand events over with
 `loop.call_soon_threadsafe`, in commit order.
 """
@@ -18,22 +19,35 @@ from crewdb.models import Message
 class Subscription:
     """One watcher's view of a conversation's events."""
 
-    def __init__(self, conversation_id: str, buffer: int) -> None:
+    def __init__(self, conversation_id: str, buffer: int, buffer_bytes: int) -> None:
         self.conversation_id = conversation_id
         self.pending: deque[Message] = deque()
+        self.pending_bytes = 0
         self.lagged = False
         self.deleted = False
         self.closed = False
         self._buffer = buffer
+        self._buffer_bytes = buffer_bytes
         self._wake = asyncio.Event()
 
     def _push(self, message: Message) -> None:
-        if len(self.pending) >= self._buffer:
-            self.pending.clear()
+        size = len(message.content)
+        if len(self.pending) >= self._buffer or self.pending_bytes + size > self._buffer_bytes:
+            self.drop_pending()
             self.lagged = True
         else:
             self.pending.append(message)
+            self.pending_bytes += size
         self._wake.set()
+
+    def take(self) -> Message:
+        message = self.pending.popleft()
+        self.pending_bytes -= len(message.content)
+        return message
+
+    def drop_pending(self) -> None:
+        self.pending.clear()
+        self.pending_bytes = 0
 
     def _signal(self) -> None:
         self._wake.set()
@@ -47,13 +61,14 @@ class Subscription:
 class MessageEvents:
     """Who watches which conversation, and the events that reach them."""
 
-    def __init__(self, buffer: int = 256) -> None:
+    def __init__(self, buffer: int = 256, buffer_bytes: int = 1024 * 1024) -> None:
         self._buffer = buffer
+        self._buffer_bytes = buffer_bytes
         self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
         self._closed = False
 
     def subscribe(self, conversation_id: str) -> Subscription:
-        subscription = Subscription(conversation_id, self._buffer)
+        subscription = Subscription(conversation_id, self._buffer, self._buffer_bytes)
         subscription.closed = self._closed
         self._subscribers[conversation_id].add(subscription)
         return subscription

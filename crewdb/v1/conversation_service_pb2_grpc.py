@@ -33,8 +33,8 @@ class ConversationServiceStub:
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
     INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
-    EXPORT_TOO_LARGE, INTERNAL. (A request over 4 MiB is refused by gRPC itself with
-    RESOURCE_EXHAUSTED and no details; nothing within the limits below comes near it.)
+    EXPORT_TOO_LARGE, MALFORMED_REQUEST (bytes that do not decode), INTERNAL. A request over
+    4 MiB is refused by gRPC itself with RESOURCE_EXHAUSTED and no details.
 
     Limits (all INVALID_ARGUMENT when exceeded):
     - conversation title: at most 200 characters;
@@ -119,8 +119,8 @@ class ConversationServiceServicer:
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
     INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
-    EXPORT_TOO_LARGE, INTERNAL. (A request over 4 MiB is refused by gRPC itself with
-    RESOURCE_EXHAUSTED and no details; nothing within the limits below comes near it.)
+    EXPORT_TOO_LARGE, MALFORMED_REQUEST (bytes that do not decode), INTERNAL. A request over
+    4 MiB is refused by gRPC itself with RESOURCE_EXHAUSTED and no details.
 
     Limits (all INVALID_ARGUMENT when exceeded):
     - conversation title: at most 200 characters;
@@ -182,8 +182,8 @@ class ConversationServiceServicer:
     def ListMessages(self, request, context):
         """Lists a conversation's messages, oldest first.
         page_size: default 100, maximum 1000. A page of long messages may end before page_size
-        (it carries at most about 2,000,000 characters of content): only an empty
-        next_page_token means the listing is complete.
+        (a page carries at most about 3 MiB, under gRPC's default 4 MiB receive limit): only an
+        empty next_page_token means the listing is complete.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,7 +210,8 @@ class ConversationServiceServicer:
     def ExportConversation(self, request, context):
         """Renders a whole conversation with its messages as a JSON or Markdown document.
         RESOURCE_EXHAUSTED (EXPORT_TOO_LARGE) when the document would exceed 32 MiB; page through
-        ListMessages instead.
+        ListMessages instead. A document over 4 MiB needs a client whose
+        `grpc.max_receive_message_length` is raised to match (gRPC's default is 4 MiB).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -300,8 +301,8 @@ class ConversationService:
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
     INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
-    EXPORT_TOO_LARGE, INTERNAL. (A request over 4 MiB is refused by gRPC itself with
-    RESOURCE_EXHAUSTED and no details; nothing within the limits below comes near it.)
+    EXPORT_TOO_LARGE, MALFORMED_REQUEST (bytes that do not decode), INTERNAL. A request over
+    4 MiB is refused by gRPC itself with RESOURCE_EXHAUSTED and no details.
 
     Limits (all INVALID_ARGUMENT when exceeded):
     - conversation title: at most 200 characters;

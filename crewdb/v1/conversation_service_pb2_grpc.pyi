@@ -34,8 +34,8 @@ class ConversationServiceStub:
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
     INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
-    EXPORT_TOO_LARGE, INTERNAL. (A request over 4 MiB is refused by gRPC itself with
-    RESOURCE_EXHAUSTED and no details; nothing within the limits below comes near it.)
+    EXPORT_TOO_LARGE, MALFORMED_REQUEST (bytes that do not decode), INTERNAL. A request over
+    4 MiB is refused by gRPC itself with RESOURCE_EXHAUSTED and no details.
 
     Limits (all INVALID_ARGUMENT when exceeded):
       - conversation title: at most 200 characters;
@@ -73,8 +73,8 @@ class ConversationServiceStub:
     ListMessages: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.ListMessagesRequest, _conversation_service_pb2.ListMessagesResponse]
     """Lists a conversation's messages, oldest first.
     page_size: default 100, maximum 1000. A page of long messages may end before page_size
-    (it carries at most about 2,000,000 characters of content): only an empty
-    next_page_token means the listing is complete.
+    (a page carries at most about 3 MiB, under gRPC's default 4 MiB receive limit): only an
+    empty next_page_token means the listing is complete.
     """
     SearchConversations: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.SearchConversationsRequest, _conversation_service_pb2.SearchConversationsResponse]
     """Finds conversations whose title or message content contains `query` (case-insensitive for
@@ -88,7 +88,8 @@ class ConversationServiceStub:
     ExportConversation: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.ExportConversationRequest, _conversation_service_pb2.ExportConversationResponse]
     """Renders a whole conversation with its messages as a JSON or Markdown document.
     RESOURCE_EXHAUSTED (EXPORT_TOO_LARGE) when the document would exceed 32 MiB; page through
-    ListMessages instead.
+    ListMessages instead. A document over 4 MiB needs a client whose
+    `grpc.max_receive_message_length` is raised to match (gRPC's default is 4 MiB).
     """
     WatchMessages: _grpc.UnaryStreamMultiCallable[_conversation_service_pb2.WatchMessagesRequest, _conversation_service_pb2.WatchMessagesResponse]
     """Streams messages added to a conversation, in order, until the client cancels.
@@ -106,8 +107,8 @@ class ConversationServiceAsyncStub(ConversationServiceStub):
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
     INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
-    EXPORT_TOO_LARGE, INTERNAL. (A request over 4 MiB is refused by gRPC itself with
-    RESOURCE_EXHAUSTED and no details; nothing within the limits below comes near it.)
+    EXPORT_TOO_LARGE, MALFORMED_REQUEST (bytes that do not decode), INTERNAL. A request over
+    4 MiB is refused by gRPC itself with RESOURCE_EXHAUSTED and no details.
 
     Limits (all INVALID_ARGUMENT when exceeded):
       - conversation title: at most 200 characters;
@@ -142,8 +143,8 @@ class ConversationServiceAsyncStub(ConversationServiceStub):
     ListMessages: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.ListMessagesRequest, _conversation_service_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Lists a conversation's messages, oldest first.
     page_size: default 100, maximum 1000. A page of long messages may end before page_size
-    (it carries at most about 2,000,000 characters of content): only an empty
-    next_page_token means the listing is complete.
+    (a page carries at most about 3 MiB, under gRPC's default 4 MiB receive limit): only an
+    empty next_page_token means the listing is complete.
     """
     SearchConversations: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.SearchConversationsRequest, _conversation_service_pb2.SearchConversationsResponse]  # type: ignore[assignment]
     """Finds conversations whose title or message content contains `query` (case-insensitive for
@@ -157,7 +158,8 @@ class ConversationServiceAsyncStub(ConversationServiceStub):
     ExportConversation: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.ExportConversationRequest, _conversation_service_pb2.ExportConversationResponse]  # type: ignore[assignment]
     """Renders a whole conversation with its messages as a JSON or Markdown document.
     RESOURCE_EXHAUSTED (EXPORT_TOO_LARGE) when the document would exceed 32 MiB; page through
-    ListMessages instead.
+    ListMessages instead. A document over 4 MiB needs a client whose
+    `grpc.max_receive_message_length` is raised to match (gRPC's default is 4 MiB).
     """
     WatchMessages: _aio.UnaryStreamMultiCallable[_conversation_service_pb2.WatchMessagesRequest, _conversation_service_pb2.WatchMessagesResponse]  # type: ignore[assignment]
     """Streams messages added to a conversation, in order, until the client cancels.
@@ -174,8 +176,8 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
     INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
-    EXPORT_TOO_LARGE, INTERNAL. (A request over 4 MiB is refused by gRPC itself with
-    RESOURCE_EXHAUSTED and no details; nothing within the limits below comes near it.)
+    EXPORT_TOO_LARGE, MALFORMED_REQUEST (bytes that do not decode), INTERNAL. A request over
+    4 MiB is refused by gRPC itself with RESOURCE_EXHAUSTED and no details.
 
     Limits (all INVALID_ARGUMENT when exceeded):
       - conversation title: at most 200 characters;
@@ -250,8 +252,8 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_conversation_service_pb2.ListMessagesResponse, _abc.Awaitable[_conversation_service_pb2.ListMessagesResponse]]:
         """Lists a conversation's messages, oldest first.
         page_size: default 100, maximum 1000. A page of long messages may end before page_size
-        (it carries at most about 2,000,000 characters of content): only an empty
-        next_page_token means the listing is complete.
+        (a page carries at most about 3 MiB, under gRPC's default 4 MiB receive limit): only an
+        empty next_page_token means the listing is complete.
         """
 
     @_abc_1.abstractmethod
@@ -283,7 +285,8 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_conversation_service_pb2.ExportConversationResponse, _abc.Awaitable[_conversation_service_pb2.ExportConversationResponse]]:
         """Renders a whole conversation with its messages as a JSON or Markdown document.
         RESOURCE_EXHAUSTED (EXPORT_TOO_LARGE) when the document would exceed 32 MiB; page through
-        ListMessages instead.
+        ListMessages instead. A document over 4 MiB needs a client whose
+        `grpc.max_receive_message_length` is raised to match (gRPC's default is 4 MiB).
         """
 
     @_abc_1.abstractmethod

@@ -261,8 +261,8 @@ def test_list_messages_page_of_long_messages_ends_early_yet_pages_return_every_m
     conversations: ConversationServiceStub,
 ) -> None:
     conversation = create(conversations).id
-    # 25 messages of 100,000 characters: more than the ~2,000,000 one page carries.
-    contents = [f"{n:02d}" + "x" * 99_998 for n in range(25)]
+    # 40 messages of 100,000 characters: more than the ~3 MiB one page carries.
+    contents = [f"{n:02d}" + "x" * 99_998 for n in range(40)]
     for content in contents:
         add(conversations, conversation, content)
 
@@ -270,7 +270,7 @@ def test_list_messages_page_of_long_messages_ends_early_yet_pages_return_every_m
 
     assert len(pages) > 1
     assert all(pages), "no page is empty"
-    assert all(sum(map(len, page)) <= 2_000_000 for page in pages)
+    assert all(sum(map(len, page)) <= 3 * 1024 * 1024 for page in pages)
     assert [content for page in pages for content in page] == contents
 
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 
 from crewdb.clock import Clock
 from crewdb.db import conversations as store
 from crewdb.db.engine import Database, create_engine, sqlite_url
 from crewdb.db.migrate import migrate
 from crewdb.errors import UnavailableError
-from crewdb.models import MessageRole
+from crewdb.models import Message, MessageRole
 
 
 @pytest.fixture
@@ -106,3 +108,42 @@ def test_a_database_that_cannot_be_opened_is_unavailable(tmp_path: Path) -> None
             database.read_sync(lambda conn: conn.exec_driver_sql("SELECT 1").scalar_one())
     finally:
         database.close()
+
+
+def test_a_clock_that_stepped_back_still_orders_new_messages_last(db: Database) -> None:
+    """After a restart with a clock behind the stored messages, order is kept by adding just
+    after the last message rather than at the (earlier) wall-clock time."""
+    ahead = datetime.now(UTC) + timedelta(minutes=5)
+    db.write_sync(lambda conn: store.insert_conversation(conn, "c1", "t", ahead))
+
+    def add(message_id: str, now: datetime) -> Message | None:
+        return db.write_sync(
+            lambda conn: store.insert_message(
+                conn,
+                message_id=message_id,
+                conversation_id="c1",
+                role=MessageRole.USER,
+                content=message_id,
+                metadata=None,
+                now=now,
+            )
+        )
+
+    first = add("z-first", ahead)
+    second = add("a-second", datetime.now(UTC))  # the clock is 5 minutes behind now
+    assert first is not None
+    assert second is not None
+    assert second.timestamp > first.timestamp
+    listed = db.read_sync(lambda conn: store.list_messages(conn, "c1", None, None))
+    assert [m.id for m in listed] == ["z-first", "a-second"]
+
+
+def test_a_schema_error_is_a_defect_not_unavailable(db: Database) -> None:
+    with pytest.raises(OperationalError):
+        db.read_sync(lambda conn: conn.exec_driver_sql("SELECT no_such_column FROM conversations").all())
+
+
+def test_a_closed_database_is_unavailable(db: Database) -> None:
+    db.close()
+    with pytest.raises(UnavailableError):
+        db.read_now(lambda conn: conn.exec_driver_sql("SELECT 1").scalar_one())

@@ -118,3 +118,38 @@ def test_migrate_command_reports_the_revisions(tmp_path: Path, capsys: pytest.Ca
     assert f"empty -> {head_revision()}" in capsys.readouterr().out
     assert main(["migrate"], env={"DATABASE_PATH": str(path)}) == 0
     assert f"{head_revision()} -> {head_revision()}" in capsys.readouterr().out
+
+
+def test_adopted_timestamps_are_rewritten_so_pagination_sees_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "legacy.db"
+    with sqlite3.connect(path) as raw:
+        raw.executescript(ORIGINAL_DDL)
+        # The original application's mixed forms: naive with a space, and milliseconds.
+        raw.executemany(
+            "INSERT INTO conversations VALUES (?, ?, ?, ?)",
+            [
+                ("A", "a", "2024-01-01 10:00:00", "2024-01-01 11:00:00"),
+                ("B", "b", "2024-01-01T10:30:00.000Z", "2024-01-01T10:30:00.000Z"),
+            ],
+        )
+        raw.executemany(
+            "INSERT INTO messages VALUES (?, 'A', 'user', 'hi', ?, NULL)",
+            [
+                ("m1", "2024-01-01 10:00:01"),
+                ("m2", "2024-01-01T10:00:02.000Z"),
+                ("m3", "2024-01-01 10:00:03"),
+            ],
+        )
+    raw.close()
+    engine = create_engine(sqlite_url(path))
+    migrate(engine)
+    with engine.connect() as conn:
+        stamps = conn.exec_driver_sql("SELECT timestamp FROM messages ORDER BY id").scalars().all()
+        assert stamps == [
+            "2024-01-01T10:00:01.000000Z",
+            "2024-01-01T10:00:02.000000Z",
+            "2024-01-01T10:00:03.000000Z",
+        ]
+        updated = conn.exec_driver_sql("SELECT updated_at FROM conversations WHERE id='A'").scalar_one()
+        assert updated == "2024-01-01T11:00:00.000000Z"
+    engine.dispose()
