@@ -9,10 +9,15 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from crewdb.clock import Clock
 from crewdb.config import ConfigError, Settings
+from crewdb.db.engine import Database
 from crewdb.db.migrate import open_database
-from crewdb.errors import CrewdbError
+from crewdb.errors import CrewdbError, InvalidArgumentError
+from crewdb.models import UserRole
 from crewdb.server import StartupError, serve
+from crewdb.services.passwords import PasswordHasher
+from crewdb.services.users import create_user
 
 log = logging.getLogger("crewdb")
 
@@ -40,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
         "--port", type=_port, help="port to listen on, 0 for any free one (env CREWDB_PORT)"
     )
     commands.add_parser("migrate", help="upgrade the database schema to this release")
+    admin = commands.add_parser("create-admin", help="create an admin account (to bootstrap the first one)")
+    admin.add_argument("--email", required=True)
+    admin.add_argument("--username", required=True)
+    admin.add_argument(
+        "--password-stdin",
+        action="store_true",
+        required=True,
+        help="read the password from standard input (never from the command line, which `ps` shows)",
+    )
     return parser
 
 
@@ -81,7 +95,38 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         engine.dispose()
         print(f"database {settings.database_path}: {before or 'empty'} -> {after}")
         return 0
+    if args.command == "create-admin":
+        password = sys.stdin.readline().rstrip("\r\n")
+        return _create_admin(settings, args.email, args.username, password)
     raise AssertionError(args.command)  # argparse allows only the commands above
+
+
+def _create_admin(settings: Settings, email: str, username: str, password: str) -> int:
+    try:
+        engine, _, _ = open_database(settings.database_path)
+    except CrewdbError as error:
+        log.error("DATABASE_PATH=%s: %s", settings.database_path, error.message)
+        return 1
+    db = Database(engine, read_threads=1)
+    hasher = PasswordHasher(settings.bcrypt_rounds)
+    try:
+        user = asyncio.run(
+            create_user(
+                db, hasher, Clock(), email=email, username=username, password=password, role=UserRole.ADMIN
+            )
+        )
+    except InvalidArgumentError as error:
+        problems = "; ".join(f"{v.field}: {v.description}" for v in error.violations) or error.message
+        log.error("cannot create the admin: %s", problems)
+        return 1
+    except CrewdbError as error:
+        log.error("cannot create the admin: %s", error.message)
+        return 1
+    finally:
+        hasher.close()
+        db.close()
+    print(f"created admin {user.username} <{user.email}> with id {user.id}")
+    return 0
 
 
 if __name__ == "__main__":

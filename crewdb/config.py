@@ -12,6 +12,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MIN_SECRET_BYTES = 32
 
 
 class ConfigError(ValueError):
@@ -30,6 +31,15 @@ class Settings:
     chroma_port: int | None = None
     # Never printed: repr=False keeps it out of logs and tracebacks.
     jwt_secret: str | None = field(default=None, repr=False)
+    # True when nothing chose where data lives: `make run` on a fresh machine. Only then may
+    # the server make up its own JWT secret (kept in the data folder).
+    embedded_defaults: bool = False
+    access_token_ttl: int = 15 * 60
+    refresh_token_ttl: int = 7 * 24 * 3600
+    # Seconds after a refresh token is spent during which presenting it again is refused
+    # without ending its session (two tabs refreshing at once); 0 ends it at once.
+    refresh_grace: float = 0.0
+    bcrypt_rounds: int = 10
     log_level: str = "INFO"
     # Seconds between the health checker's `SELECT 1` probes.
     health_check_interval: float = 5.0
@@ -59,9 +69,22 @@ class Settings:
                 "CREWDB_DB_READ_THREADS", int, default.db_read_threads, _between(1, 64)
             ),
             shutdown_grace=parser.get("CREWDB_SHUTDOWN_GRACE", float, default.shutdown_grace, _non_negative),
+            embedded_defaults=not env.get("DATABASE_PATH"),
+            access_token_ttl=parser.get(
+                "CREWDB_ACCESS_TOKEN_TTL", int, default.access_token_ttl, _between(60, 24 * 3600)
+            ),
+            refresh_token_ttl=parser.get(
+                "CREWDB_REFRESH_TOKEN_TTL", int, default.refresh_token_ttl, _between(300, 90 * 24 * 3600)
+            ),
+            refresh_grace=parser.get(
+                "CREWDB_REFRESH_GRACE_SECONDS", float, default.refresh_grace, _non_negative
+            ),
+            bcrypt_rounds=parser.get("CREWDB_BCRYPT_ROUNDS", int, default.bcrypt_rounds, _between(10, 16)),
         )
         if str(settings.database_path).startswith(":memory:") or not settings.database_path.name:
             parser.errors.append(f"DATABASE_PATH={env.get('DATABASE_PATH')!r}: expected a file path")
+        if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < MIN_SECRET_BYTES:
+            parser.errors.append(f"JWT_SECRET: must be at least {MIN_SECRET_BYTES} bytes (value not shown)")
         if settings.chroma_port is not None and settings.chroma_host is None:
             parser.errors.append("CHROMA_PORT is set but CHROMA_HOST is not: set both or neither")
         if parser.errors:

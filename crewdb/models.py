@@ -33,6 +33,8 @@ class Conversation:
     created_at: datetime
     updated_at: datetime
     message_count: int
+    # None for conversations stored before accounts existed.
+    owner_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +83,65 @@ class ExportDocument:
     filename: str
     media_type: str
     content: bytes
+
+
+class UserRole(StrEnum):
+    """What an account may do; the value is what the database stores."""
+
+    USER = "user"
+    MODERATOR = "moderator"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the signed-in account, its current role, and the session it signed in with."""
+
+    user_id: str
+    role: UserRole
+    session_id: str
+
+    @property
+    def reads_everything(self) -> bool:
+        return self.role in (UserRole.MODERATOR, UserRole.ADMIN)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is UserRole.ADMIN
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    email: str
+    username: str
+    role: UserRole
+    active: bool
+    created_at: datetime
+    updated_at: datetime
+    last_login_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str
+    created_at: datetime
+    last_used_at: datetime
+    expires_at: datetime
+    current: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPair:
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    user: User
+
+
+@dataclass(frozen=True, slots=True)
+class UserStats:
+    total_users: int
+    active_users: int
+    users_by_role: dict[str, int]
+    signups_last_7_days: int

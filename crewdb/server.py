@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import logging
 import os
+import secrets
 import signal
 from dataclasses import dataclass
 
@@ -17,20 +18,25 @@ from crewdb.api import reflection
 from crewdb.api.conversations import ConversationServicer
 from crewdb.api.health import HealthReporter
 from crewdb.api.middleware import mount
+from crewdb.api.users import UserServicer
 from crewdb.clock import Clock
-from crewdb.config import Settings
+from crewdb.config import MIN_SECRET_BYTES, Settings
 from crewdb.db.engine import Database
 from crewdb.db.migrate import open_database
 from crewdb.errors import FailedPreconditionError
 from crewdb.services.conversations import ConversationService
 from crewdb.services.events import MessageEvents
 from crewdb.services.pagination import PageTokens
-from crewdb.v1 import conversation_service_pb2
+from crewdb.services.passwords import PasswordHasher
+from crewdb.services.tokens import AccessTokens
+from crewdb.services.users import Accounts
+from crewdb.v1 import conversation_service_pb2, user_service_pb2
 
 log = logging.getLogger(__name__)
 
 CONVERSATION_DESCRIPTOR = conversation_service_pb2.DESCRIPTOR.services_by_name["ConversationService"]
 CONVERSATION_SERVICE = CONVERSATION_DESCRIPTOR.full_name
+USER_DESCRIPTOR = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _SERVER_OPTIONS = [
@@ -59,20 +65,60 @@ class App:
     db: Database
     health: HealthReporter
     events: MessageEvents
+    hasher: PasswordHasher
+    accounts: Accounts
 
     async def stop(self, grace: float | None) -> None:
         """Reports NOT_SERVING, ends watchers, lets in-flight calls finish, closes the database."""
         await self.health.shutdown()
         self.events.close()
         await self.server.stop(grace)
+        self.hasher.close()
         await asyncio.to_thread(self.db.close)
 
 
-def page_token_key(settings: Settings) -> bytes:
-    """Derived from JWT_SECRET so tokens survive restarts; random per process without one."""
+def page_token_key(secret: str) -> bytes:
+    """Page tokens are signed with a key derived from the JWT secret, never with the secret itself."""
+    return hmac.new(secret.encode(), b"crewdb/page-tokens", hashlib.sha256).digest()
+
+
+SECRET_FILE = "jwt_secret"  # noqa: S105 - a file name, not a secret
+
+
+def jwt_secret(settings: Settings) -> str:
+    """JWT_SECRET, or with embedded defaults (nothing configured) a secret kept in the data folder.
+
+    Raises:
+        StartupError: JWT_SECRET is unset while the data location was configured (a deployment
+            must choose its secret), or the secret file cannot be read or written.
+    """
     if settings.jwt_secret:
-        return hmac.new(settings.jwt_secret.encode(), b"crewdb/page-tokens", hashlib.sha256).digest()
-    return os.urandom(32)
+        return settings.jwt_secret
+    if not settings.embedded_defaults:
+        raise StartupError(
+            f"JWT_SECRET is not set: set it to a random string of at least {MIN_SECRET_BYTES} bytes "
+            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+        )
+    path = settings.database_path.parent / SECRET_FILE
+    try:
+        if path.exists():
+            secret = path.read_text().strip()
+            if len(secret.encode()) >= MIN_SECRET_BYTES:
+                return secret
+            raise StartupError(f"{path} holds a secret shorter than {MIN_SECRET_BYTES} bytes")
+        secret = secrets.token_urlsafe(48)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secret + "\n")
+    except OSError as error:
+        raise StartupError(f"cannot keep a JWT secret at {path}: {error}") from error
+    log.warning(
+        "JWT_SECRET is not set: generated a random one at %s (embedded defaults). "
+        "Set JWT_SECRET for any real deployment.",
+        path,
+    )
+    return secret
 
 
 def _address(host: str, port: int) -> str:
@@ -91,14 +137,33 @@ async def build_server(settings: Settings) -> App:
         )
     except FailedPreconditionError as error:
         raise StartupError(f"DATABASE_PATH={settings.database_path}: {error.message}") from error
+    try:
+        secret = await asyncio.to_thread(jwt_secret, settings)
+    except StartupError:
+        engine.dispose()
+        raise
     db = Database(engine, read_threads=settings.db_read_threads)
     events = MessageEvents()
-    conversations = ConversationService(db, events, PageTokens(page_token_key(settings)), Clock())
+    clock = Clock()
+    page_tokens = PageTokens(page_token_key(secret))
+    hasher = PasswordHasher(settings.bcrypt_rounds)
+    accounts = Accounts(
+        db,
+        hasher,
+        AccessTokens(secret, settings.access_token_ttl),
+        page_tokens,
+        clock,
+        refresh_ttl=settings.refresh_token_ttl,
+        refresh_grace=settings.refresh_grace,
+    )
+    conversations = ConversationService(db, events, page_tokens, clock)
 
     server = aio.server(options=_SERVER_OPTIONS)
-    mount(server, ConversationServicer(conversations), CONVERSATION_DESCRIPTOR)
-    reporter = HealthReporter(server, db.ping, [CONVERSATION_SERVICE], settings.health_check_interval)
-    reflection.enable(server, [CONVERSATION_SERVICE, health.SERVICE_NAME])
+    mount(server, UserServicer(accounts), USER_DESCRIPTOR, accounts.authenticate)
+    mount(server, ConversationServicer(conversations), CONVERSATION_DESCRIPTOR, accounts.authenticate)
+    services = [USER_DESCRIPTOR.full_name, CONVERSATION_SERVICE]
+    reporter = HealthReporter(server, db.ping, services, settings.health_check_interval)
+    reflection.enable(server, [*services, health.SERVICE_NAME])
 
     address = _address(settings.host, settings.port)
     try:
@@ -110,6 +175,7 @@ async def build_server(settings: Settings) -> App:
         cause = None
     if port == 0:
         db.close()
+        hasher.close()
         raise StartupError(
             f"cannot listen on {address}: the address is in use or not available "
             "(set CREWDB_PORT or --port to another port)"
@@ -117,7 +183,9 @@ async def build_server(settings: Settings) -> App:
     await server.start()
     await reporter.start()
     log.info("crewdb serving on %s (database %s)", _address(settings.host, port), settings.database_path)
-    return App(server=server, port=port, db=db, health=reporter, events=events)
+    return App(
+        server=server, port=port, db=db, health=reporter, events=events, hasher=hasher, accounts=accounts
+    )
 
 
 async def serve(settings: Settings) -> None:

@@ -13,11 +13,16 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
+from crewdb.client import Client
 from crewdb.config import Settings
+from crewdb.models import UserRole
 from crewdb.server import App, build_server
 from crewdb.v1 import conversation_service_pb2_grpc
 
 T = TypeVar("T")
+
+TEST_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"  # noqa: S105 - a test fixture
+PASSWORD = "correct horse battery staple"  # noqa: S105 - a test fixture
 
 
 @dataclass
@@ -45,6 +50,7 @@ def settings(tmp_path: Path) -> Settings:
         vector_db_path=tmp_path / "vectordb",
         health_check_interval=0.2,
         shutdown_grace=1.0,
+        jwt_secret=TEST_SECRET,
     )
 
 
@@ -80,8 +86,23 @@ def channel(server: RunningServer) -> Iterator[grpc.Channel]:
         yield channel
 
 
+def sign_in(server: RunningServer, username: str, role: UserRole = UserRole.USER) -> Client:
+    """A Client signed in as a new account `username` with `role`."""
+    server.call(server.app.accounts.register(f"{username}@example.com", username, PASSWORD, role=role))
+    client = Client(server.address)
+    client.login(username, PASSWORD)
+    return client
+
+
 @pytest.fixture
-def conversations(
-    channel: grpc.Channel,
-) -> conversation_service_pb2_grpc.ConversationServiceStub:
-    return conversation_service_pb2_grpc.ConversationServiceStub(channel)
+def client(server: RunningServer) -> Iterator[Client]:
+    """Signed in as `alice`, a plain user."""
+    signed_in = sign_in(server, "alice")
+    yield signed_in
+    signed_in.close()
+
+
+@pytest.fixture
+def conversations(client: Client) -> conversation_service_pb2_grpc.ConversationServiceStub:
+    """alice's ConversationService stub: every call carries her access token."""
+    return client.conversations

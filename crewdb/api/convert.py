@@ -17,8 +17,13 @@ from crewdb.models import (
     Message,
     MessageRole,
     SearchHit,
+    Session,
+    User,
+    UserRole,
+    UserStats,
 )
 from crewdb.v1 import conversation_service_pb2 as pb
+from crewdb.v1 import user_service_pb2 as users_pb
 
 _ROLE_TO_PROTO = {
     MessageRole.USER: pb.MESSAGE_ROLE_USER,
@@ -81,6 +86,7 @@ def conversation(record: Conversation) -> pb.Conversation:
     return pb.Conversation(
         id=record.id,
         title=record.title,
+        owner_id=record.owner_id or "",
         created_at=timestamp(record.created_at),
         updated_at=timestamp(record.updated_at),
         message_count=record.message_count,
@@ -125,4 +131,51 @@ def stats(record: ConversationStats) -> pb.ConversationStats:
 def export(document: ExportDocument) -> pb.ExportConversationResponse:
     return pb.ExportConversationResponse(
         filename=document.filename, media_type=document.media_type, content=document.content
+    )
+
+
+_USER_ROLE_TO_PROTO = {
+    UserRole.USER: users_pb.USER_ROLE_USER,
+    UserRole.MODERATOR: users_pb.USER_ROLE_MODERATOR,
+    UserRole.ADMIN: users_pb.USER_ROLE_ADMIN,
+}
+_USER_ROLE_FROM_PROTO: dict[int, UserRole] = {n: role for role, n in _USER_ROLE_TO_PROTO.items()}
+
+
+def user_role_from_proto(number: int) -> UserRole | None:
+    """None for USER_ROLE_UNSPECIFIED and unknown numbers."""
+    return _USER_ROLE_FROM_PROTO.get(number)
+
+
+def user(record: User) -> users_pb.User:
+    result = users_pb.User(
+        id=record.id,
+        email=record.email,
+        username=record.username,
+        role=_USER_ROLE_TO_PROTO[record.role],
+        active=record.active,
+        created_at=timestamp(record.created_at),
+        updated_at=timestamp(record.updated_at),
+    )
+    if record.last_login_at is not None:
+        result.last_login_at.CopyFrom(timestamp(record.last_login_at))
+    return result
+
+
+def session(record: Session) -> users_pb.Session:
+    return users_pb.Session(
+        id=record.id,
+        created_at=timestamp(record.created_at),
+        last_used_at=timestamp(record.last_used_at),
+        expires_at=timestamp(record.expires_at),
+        current=record.current,
+    )
+
+
+def user_stats(record: UserStats) -> users_pb.UserStats:
+    return users_pb.UserStats(
+        total_users=record.total_users,
+        active_users=record.active_users,
+        users_by_role=record.users_by_role,
+        signups_last_7_days=record.signups_last_7_days,
     )

@@ -1,4 +1,4 @@
-"""Server middleware: every RPC's errors become typed statuses, and every failure is logged once."""
+"""Server middleware: who may call each RPC, and every failure turned into a typed status, logged once."""
 
 from __future__ import annotations
 
@@ -7,27 +7,56 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf import message_factory
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from grpc import aio
 
 from crewdb.api import status
-from crewdb.errors import CrewdbError, InvalidArgumentError
+from crewdb.errors import CrewdbError, InvalidArgumentError, PermissionDeniedError, UnauthenticatedError
+from crewdb.models import Principal
+from crewdb.v1 import options_pb2
 
 log = logging.getLogger("crewdb.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
+AUTHORIZATION_KEY = "authorization"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
-def mount(server: aio.Server, servicer: object, service: ServiceDescriptor) -> None:
-    """Serves `servicer`'s RPCs on `server`, each wrapped so that what it raises becomes a typed
-    status (in place of the generated `add_*_to_server`).
+Authenticate = Callable[[str | None], Principal]
+
+_caller: ContextVar[Principal | None] = ContextVar("crewdb_caller", default=None)
+
+
+def caller() -> Principal:
+    """The signed-in caller of the current RPC (set by the wrapper before the servicer runs)."""
+    principal = _caller.get()
+    if principal is None:  # a public method asking for a caller: a wiring mistake
+        raise UnauthenticatedError("sign in first")
+    return principal
+
+
+def access_of(method: MethodDescriptor) -> int:
+    """The method's `(crewdb.v1.access)` option; unset counts as ACCESS_USER (closed by default)."""
+    access: int = method.GetOptions().Extensions[options_pb2.access]
+    return access or options_pb2.ACCESS_USER
+
+
+def mount(
+    server: aio.Server, servicer: object, service: ServiceDescriptor, authenticate: Authenticate
+) -> None:
+    """Serves `servicer`'s RPCs on `server`, each wrapped with access control and with errors
+    turned into typed statuses (in place of the generated `add_*_to_server`).
+
+    Access: each method's `(crewdb.v1.access)` option in the proto decides whether it needs an
+    `authorization: Bearer <access token>` (and which role); the servicer then reads the
+    caller with `caller()`.
 
     CrewdbError becomes its status code (crewdb.api.status) and anything unexpected becomes
     INTERNAL. The client gets a short message and an ErrorInfo with the reason and a request
@@ -44,15 +73,16 @@ def mount(server: aio.Server, servicer: object, service: ServiceDescriptor) -> N
     for method in service.methods:
         behavior = getattr(servicer, method.name)
         path = f"/{service.full_name}/{method.name}"
+        check = _access_check(access_of(method), authenticate)
         decode = _decoder(message_factory.GetMessageClass(method.input_type))
         encode = message_factory.GetMessageClass(method.output_type).SerializeToString
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _stream(path, behavior), request_deserializer=decode, response_serializer=encode
+                _stream(path, behavior, check), request_deserializer=decode, response_serializer=encode
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(path, behavior), request_deserializer=decode, response_serializer=encode
+                _unary(path, behavior, check), request_deserializer=decode, response_serializer=encode
             )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
@@ -76,6 +106,52 @@ def _decoder(message_class: type[Message]) -> Callable[[bytes], Any]:
     return decode
 
 
+Check = Callable[["aio.ServicerContext[Any, Any]"], Principal | None]
+# An open stream checks its caller again before sending, at most this often: a session ended,
+# an account deactivated or a role changed reaches open streams within about a second.
+STREAM_RECHECK_SECONDS = 1.0
+
+
+def _access_check(access: int, authenticate: Authenticate) -> Check:
+    def public(context: aio.ServicerContext[Any, Any]) -> None:
+        _caller.set(None)
+
+    def signed_in(context: aio.ServicerContext[Any, Any]) -> Principal:
+        principal = authenticate(_bearer_token(context))
+        _caller.set(principal)
+        return principal
+
+    def admin(context: aio.ServicerContext[Any, Any]) -> Principal:
+        principal = authenticate(_bearer_token(context))
+        if not principal.is_admin:
+            raise PermissionDeniedError("this needs the admin role")
+        _caller.set(principal)
+        return principal
+
+    if access == options_pb2.ACCESS_PUBLIC:
+        return public
+    if access == options_pb2.ACCESS_ADMIN:
+        return admin
+    return signed_in
+
+
+def _bearer_token(context: aio.ServicerContext[Any, Any]) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == AUTHORIZATION_KEY and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise UnauthenticatedError("authorization must be `Bearer <access token>`")
+            return token.strip()
+    return None
+
+
+def peer_address(context: aio.ServicerContext[Any, Any]) -> str:
+    """The client's address without its port (`ipv4:10.0.0.5:41234` -> `ipv4:10.0.0.5`)."""
+    peer = context.peer() or "unknown"
+    address, _, port = peer.rpartition(":")
+    return address if address and port.isdigit() else peer
+
+
 def _check_decoded(request: Any) -> None:
     if type(request) is _Malformed:
         raise InvalidArgumentError(
@@ -85,11 +161,14 @@ def _check_decoded(request: Any) -> None:
         )
 
 
-def _unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _unary(
+    method: str, behavior: Callable[..., Awaitable[Any]], check: Check
+) -> Callable[..., Awaitable[Any]]:
     async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
         try:
             _check_decoded(request)
+            check(context)
             response = await behavior(request, context)
         except Exception as error:  # noqa: BLE001 - the one place every failure is turned into a status
             await _abort(method, context, error, started)
@@ -100,12 +179,21 @@ def _unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[...
     return call
 
 
-def _stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _stream(
+    method: str, behavior: Callable[..., AsyncIterator[Any]], check: Check
+) -> Callable[..., AsyncIterator[Any]]:
     async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         started = time.perf_counter()
         try:
             _check_decoded(request)
+            opened_by = check(context)
+            checked = time.monotonic()
             async for response in behavior(request, context):
+                if opened_by is not None and time.monotonic() - checked > STREAM_RECHECK_SECONDS:
+                    now_by = check(context)  # UNAUTHENTICATED once the token or session is over
+                    if now_by is None or now_by.role is not opened_by.role:
+                        raise PermissionDeniedError("your role changed: open the stream again")
+                    checked = time.monotonic()
                 yield response
         except Exception as error:  # noqa: BLE001 - see _unary
             await _abort(method, context, error, started)

@@ -18,6 +18,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    true,
     tuple_,
     update,
 )
@@ -36,6 +37,7 @@ _CONVERSATION_COLUMNS = (
     conversations.c.created_at,
     conversations.c.updated_at,
     conversations.c.message_count,
+    conversations.c.owner_id,
 )
 _MESSAGE_COLUMNS = (
     messages.c.id,
@@ -51,13 +53,14 @@ _ROLES = {role.value: role for role in MessageRole}
 
 
 def _conversation(row: Any) -> Conversation:  # a Row of _CONVERSATION_COLUMNS
-    conversation_id, title, created_at, updated_at, message_count = row[:5]
+    conversation_id, title, created_at, updated_at, message_count, owner_id = row[:6]
     return Conversation(
         id=conversation_id,
         title=title or "",
         created_at=parse_timestamp(created_at),
         updated_at=parse_timestamp(updated_at),
         message_count=message_count,
+        owner_id=owner_id,
     )
 
 
@@ -81,29 +84,36 @@ def message_position(message: Message) -> Position:
     return format_timestamp(message.timestamp), message.id
 
 
+# Every query on conversations takes `owner`: a user id limits it to that user's
+# conversations, None (an explicit choice of moderators' reads and admins) to all of them.
+# Another user's conversation then looks exactly like a missing one.
+_OWNED = or_(bindparam("p_owner").is_(None), conversations.c.owner_id == bindparam("p_owner"))
+
 # The statements behind the hot paths, built once: constructing a statement costs more than
 # SQLite takes to run it. Parameters are bound per call; `p_` names keep them apart from
 # column names in INSERT/UPDATE.
-_GET_CONVERSATION = select(*_CONVERSATION_COLUMNS).where(conversations.c.id == bindparam("p_id"))
-_CONVERSATION_EXISTS = select(literal(1)).where(conversations.c.id == bindparam("p_id"))
-_LIST_CONVERSATIONS = (
+_GET_CONVERSATION = select(*_CONVERSATION_COLUMNS).where(conversations.c.id == bindparam("p_id"), _OWNED)
+_CONVERSATION_EXISTS = select(literal(1)).where(conversations.c.id == bindparam("p_id"), _OWNED)
+_ALL_CONVERSATIONS = (
     select(*_CONVERSATION_COLUMNS)
     .order_by(conversations.c.updated_at.desc(), conversations.c.id.desc())
     .limit(bindparam("p_limit"))
 )
-_LIST_CONVERSATIONS_AFTER = _LIST_CONVERSATIONS.where(
-    tuple_(conversations.c.updated_at, conversations.c.id)
-    < tuple_(bindparam("p_updated_at"), bindparam("p_id"))
+# A separate statement, not _OWNED, so that SQLite reads idx_conversations_owner_updated.
+_OWN_CONVERSATIONS = _ALL_CONVERSATIONS.where(conversations.c.owner_id == bindparam("p_owner"))
+_AFTER_CONVERSATION = tuple_(conversations.c.updated_at, conversations.c.id) < tuple_(
+    bindparam("p_updated_at"), bindparam("p_id")
 )
 _UPDATE_TITLE = (
     update(conversations)
-    .where(conversations.c.id == bindparam("p_id"))
+    .where(conversations.c.id == bindparam("p_id"), _OWNED)
     .values(title=bindparam("p_title"), updated_at=bindparam("p_now"))
     .returning(*_CONVERSATION_COLUMNS)
 )
+_DELETE_CONVERSATION = delete(conversations).where(conversations.c.id == bindparam("p_id"), _OWNED)
 _BUMP_CONVERSATION = (
     update(conversations)
-    .where(conversations.c.id == bindparam("p_id"))
+    .where(conversations.c.id == bindparam("p_id"), _OWNED)
     .values(updated_at=bindparam("p_now"), message_count=conversations.c.message_count + 1)
 )
 _INSERT_MESSAGE = insert(messages)
@@ -125,43 +135,55 @@ _LIST_MESSAGES_AFTER = _LIST_MESSAGES.where(
 )
 
 
-def insert_conversation(conn: Connection, conversation_id: str, title: str, now: datetime) -> None:
+def insert_conversation(
+    conn: Connection, conversation_id: str, title: str, now: datetime, *, owner: str | None
+) -> None:
     stamp = format_timestamp(now)
     conn.execute(
         insert(conversations).values(
-            id=conversation_id, title=title, created_at=stamp, updated_at=stamp, message_count=0
+            id=conversation_id,
+            title=title,
+            created_at=stamp,
+            updated_at=stamp,
+            message_count=0,
+            owner_id=owner,
         )
     )
 
 
-def get_conversation(conn: Connection, conversation_id: str) -> Conversation | None:
-    row = conn.execute(_GET_CONVERSATION, {"p_id": conversation_id}).one_or_none()
+def get_conversation(conn: Connection, conversation_id: str, *, owner: str | None) -> Conversation | None:
+    row = conn.execute(_GET_CONVERSATION, {"p_id": conversation_id, "p_owner": owner}).one_or_none()
     return _conversation(row) if row else None
 
 
-def conversation_exists(conn: Connection, conversation_id: str) -> bool:
-    return conn.execute(_CONVERSATION_EXISTS, {"p_id": conversation_id}).first() is not None
+def conversation_exists(conn: Connection, conversation_id: str, *, owner: str | None) -> bool:
+    params = {"p_id": conversation_id, "p_owner": owner}
+    return conn.execute(_CONVERSATION_EXISTS, params).first() is not None
 
 
-def list_conversations(conn: Connection, after: Position | None, limit: int) -> list[Conversation]:
+def list_conversations(
+    conn: Connection, after: Position | None, limit: int, *, owner: str | None
+) -> list[Conversation]:
     """Most recently updated first; `after` is the position of the previous page's last row."""
-    if after is None:
-        rows = conn.execute(_LIST_CONVERSATIONS, {"p_limit": limit})
-    else:
-        params = {"p_limit": limit, "p_updated_at": after[0], "p_id": after[1]}
-        rows = conn.execute(_LIST_CONVERSATIONS_AFTER, params)
-    return [_conversation(row) for row in rows.all()]
+    statement = _ALL_CONVERSATIONS if owner is None else _OWN_CONVERSATIONS
+    params: dict[str, Any] = {"p_limit": limit, "p_owner": owner}
+    if after is not None:
+        statement = statement.where(_AFTER_CONVERSATION)
+        params |= {"p_updated_at": after[0], "p_id": after[1]}
+    return [_conversation(row) for row in conn.execute(statement, params).all()]
 
 
-def update_title(conn: Connection, conversation_id: str, title: str, now: datetime) -> Conversation | None:
-    params = {"p_id": conversation_id, "p_title": title, "p_now": format_timestamp(now)}
+def update_title(
+    conn: Connection, conversation_id: str, title: str, now: datetime, *, owner: str | None
+) -> Conversation | None:
+    params = {"p_id": conversation_id, "p_title": title, "p_now": format_timestamp(now), "p_owner": owner}
     row = conn.execute(_UPDATE_TITLE, params).one_or_none()
     return _conversation(row) if row else None
 
 
-def delete_conversation(conn: Connection, conversation_id: str) -> bool:
+def delete_conversation(conn: Connection, conversation_id: str, *, owner: str | None) -> bool:
     """Deletes the conversation; its messages go by ON DELETE CASCADE."""
-    result = conn.execute(delete(conversations).where(conversations.c.id == conversation_id))
+    result = conn.execute(_DELETE_CONVERSATION, {"p_id": conversation_id, "p_owner": owner})
     return result.rowcount > 0
 
 
@@ -174,6 +196,7 @@ def insert_message(
     content: str,
     metadata: JsonObject | None,
     now: datetime,
+    owner: str | None,
 ) -> Message | None:
     """Appends a message and bumps the conversation; None when the conversation is missing.
 
@@ -185,7 +208,7 @@ def insert_message(
     if last is not None and parse_timestamp(last) >= now:
         now = parse_timestamp(last) + _ONE_MICROSECOND
     stamp = format_timestamp(now)
-    bumped = conn.execute(_BUMP_CONVERSATION, {"p_id": conversation_id, "p_now": stamp})
+    bumped = conn.execute(_BUMP_CONVERSATION, {"p_id": conversation_id, "p_now": stamp, "p_owner": owner})
     if bumped.rowcount == 0:
         return None
     metadata_json = (
@@ -245,13 +268,15 @@ def last_message_position(conn: Connection, conversation_id: str) -> Position | 
     return (row.timestamp, row.id) if row else None
 
 
-def _contains(column: ColumnElement[str], query: str) -> ColumnElement[bool]:
+def contains(column: ColumnElement[str], query: str) -> ColumnElement[bool]:
     """A case-insensitive substring match in which `%`, `_` and `\\` are literal."""
     escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return column.ilike(f"%{escaped}%", escape="\\")
 
 
-def search(conn: Connection, query: str, limit: int) -> list[tuple[Conversation, int, bool]]:
+def search(
+    conn: Connection, query: str, limit: int, *, owner: str | None
+) -> list[tuple[Conversation, int, bool]]:
     """Conversations whose title or messages contain `query`: title matches first, then by
     number of matching messages, then most recently updated.
 
@@ -259,11 +284,11 @@ def search(conn: Connection, query: str, limit: int) -> list[tuple[Conversation,
     """
     hits = (
         select(messages.c.conversation_id, func.count().label("hits"))
-        .where(_contains(messages.c.content, query))
+        .where(contains(messages.c.content, query))
         .group_by(messages.c.conversation_id)
         .subquery()
     )
-    in_title = _contains(conversations.c.title, query)
+    in_title = contains(conversations.c.title, query)
     hit_count = func.coalesce(hits.c.hits, 0)
     title_flag = case((in_title, 1), else_=0)
     rows = conn.execute(
@@ -274,6 +299,7 @@ def search(conn: Connection, query: str, limit: int) -> list[tuple[Conversation,
         )
         .select_from(conversations.outerjoin(hits, hits.c.conversation_id == conversations.c.id))
         .where(or_(hits.c.hits.is_not(None), in_title))
+        .where(_owned_by(owner))
         .order_by(
             title_flag.desc(),
             hit_count.desc(),
@@ -291,7 +317,7 @@ def first_matching_message(conn: Connection, conversation_id: str, query: str) -
         .where(
             and_(
                 messages.c.conversation_id == conversation_id,
-                _contains(messages.c.content, query),
+                contains(messages.c.content, query),
             )
         )
         .order_by(messages.c.timestamp, messages.c.id)
@@ -300,20 +326,33 @@ def first_matching_message(conn: Connection, conversation_id: str, query: str) -
     return (row.id, row.content) if row else None
 
 
-def totals(conn: Connection) -> tuple[int, int]:
+def _owned_by(owner: str | None) -> ColumnElement[bool]:
+    return conversations.c.owner_id == owner if owner is not None else true()
+
+
+def totals(conn: Connection, *, owner: str | None) -> tuple[int, int]:
     """(conversations, messages)."""
-    row = conn.execute(select(func.count(), func.coalesce(func.sum(conversations.c.message_count), 0))).one()
+    row = conn.execute(
+        select(func.count(), func.coalesce(func.sum(conversations.c.message_count), 0)).where(
+            _owned_by(owner)
+        )
+    ).one()
     return int(row[0]), int(row[1])
 
 
-def messages_per_day(conn: Connection, since: datetime) -> dict[str, int]:
+def messages_per_day(conn: Connection, since: datetime, *, owner: str | None) -> dict[str, int]:
     """Message counts by UTC day (`YYYY-MM-DD`) from `since` on."""
     day = func.substr(messages.c.timestamp, 1, 10)
-    rows = conn.execute(
+    statement = (
         select(day.label("day"), func.count().label("n"))
         .where(messages.c.timestamp >= format_timestamp(since))
         .group_by(day)
     )
+    if owner is not None:
+        statement = statement.join(conversations, conversations.c.id == messages.c.conversation_id).where(
+            conversations.c.owner_id == owner
+        )
+    rows = conn.execute(statement)
     return {row.day: int(row.n) for row in rows}
 
 

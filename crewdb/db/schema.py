@@ -6,6 +6,12 @@ The five tables of the original design keep their columns and indexes. crewdb's 
   - idx_conversations_updated (updated_at, id): keyset pagination of ListConversations;
   - idx_messages_conversation_timestamp (conversation_id, timestamp, id): ListMessages and
     WatchMessages read a conversation's messages in order straight from this index.
+And by migration 0004 (accounts):
+  - conversations.owner_id -> users.id, with idx_conversations_owner_updated for the per-owner
+    listing; NULL for conversations stored before accounts existed;
+  - refresh_tokens.family_id (the session: every token rotated from one sign-in shares it) and
+    refresh_tokens.used_at (when the token was spent; a second use is theft), with
+    idx_refresh_tokens_family.
 Timestamps are TEXT in `crewdb.clock.TIMESTAMP_FORMAT`; JSON columns hold JSON objects as TEXT.
 """
 
@@ -32,7 +38,9 @@ conversations = Table(
     Column("created_at", Text, nullable=False),
     Column("updated_at", Text, nullable=False),
     Column("message_count", Integer, nullable=False, server_default=text("0")),
+    Column("owner_id", Text, ForeignKey("users.id", ondelete="CASCADE")),
     Index("idx_conversations_updated", "updated_at", "id"),
+    Index("idx_conversations_owner_updated", "owner_id", "updated_at", "id"),
 )
 
 messages = Table(
@@ -80,8 +88,11 @@ refresh_tokens = Table(
     Column("expires_at", Text, nullable=False),
     Column("created_at", Text, nullable=False),
     Column("revoked_at", Text),
+    Column("family_id", Text),
+    Column("used_at", Text),
     Index("idx_refresh_tokens_user", "user_id"),
     Index("idx_refresh_tokens_hash", "token_hash"),
+    Index("idx_refresh_tokens_family", "family_id"),
 )
 
 tasks = Table(

@@ -18,6 +18,7 @@ from crewdb.errors import (
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -31,6 +32,7 @@ from crewdb.models import (
     Message,
     MessageRole,
     Page,
+    Principal,
     SearchHit,
 )
 from crewdb.services.events import MessageEvents
@@ -78,54 +80,74 @@ class ConversationService:
         self._tokens = page_tokens
         self._clock = clock
 
-    async def create_conversation(self, title: str) -> Conversation:
-        """Raises: InvalidArgumentError."""
+    async def create_conversation(self, caller: Principal, title: str) -> Conversation:
+        """A new conversation owned by the caller. Raises: InvalidArgumentError."""
         _raise_if(_check_title(title))
         conversation_id = str(uuid.uuid4())
 
         def work(conn: Connection) -> Conversation:
-            store.insert_conversation(conn, conversation_id, title, self._clock.now())
-            return _must_exist(store.get_conversation(conn, conversation_id), conversation_id)
+            store.insert_conversation(conn, conversation_id, title, self._clock.now(), owner=caller.user_id)
+            found = store.get_conversation(conn, conversation_id, owner=caller.user_id)
+            return _must_exist(found, conversation_id)
 
         return await self._db.write(work)
 
-    async def get_conversation(self, conversation_id: str) -> Conversation:
+    async def get_conversation(self, caller: Principal, conversation_id: str) -> Conversation:
         """Raises: InvalidArgumentError, NotFoundError."""
         _raise_if(_check_id("id", conversation_id))
-        found = self._db.read_now(lambda conn: store.get_conversation(conn, conversation_id))
+        owner = _reader(caller)
+        found = self._db.read_now(lambda conn: store.get_conversation(conn, conversation_id, owner=owner))
         return _must_exist(found, conversation_id)
 
-    async def list_conversations(self, size: int, token: str) -> Page[Conversation]:
-        """Most recently updated first. Raises: InvalidArgumentError."""
+    async def list_conversations(
+        self, caller: Principal, size: int, token: str, *, all_users: bool = False
+    ) -> Page[Conversation]:
+        """Most recently updated first. Raises: InvalidArgumentError, PermissionDeniedError."""
         _raise_if(check_page_size(size))
+        owner = _lister(caller, all_users)
         limit = page_size(size, default=CONVERSATIONS_PAGE[0], maximum=CONVERSATIONS_PAGE[1])
-        scope = "conversations"
+        scope = f"conversations:{owner or '*'}"
         after = _position(self._tokens.decode(scope, token)) if token else None
-        rows = await self._read(limit, lambda conn: store.list_conversations(conn, after, limit + 1))
+        rows = await self._read(
+            limit, lambda conn: store.list_conversations(conn, after, limit + 1, owner=owner)
+        )
         return self._page(rows, limit, scope, store.conversation_position)
 
-    async def update_title(self, conversation_id: str, title: str) -> Conversation:
-        """Raises: InvalidArgumentError, NotFoundError."""
+    async def update_title(self, caller: Principal, conversation_id: str, title: str) -> Conversation:
+        """Raises: InvalidArgumentError, NotFoundError, PermissionDeniedError."""
         _raise_if(_check_id("id", conversation_id) + _check_title(title))
-        updated = await self._db.write(
-            lambda conn: store.update_title(conn, conversation_id, title, self._clock.now())
-        )
-        return _must_exist(updated, conversation_id)
+        owner = _writer(caller)
 
-    async def delete_conversation(self, conversation_id: str) -> None:
-        """Deletes it with its messages and ends its watchers. Raises: InvalidArgumentError,
-        NotFoundError."""
+        def work(conn: Connection) -> Conversation | None:
+            updated = store.update_title(conn, conversation_id, title, self._clock.now(), owner=owner)
+            _deny_if_only_readable(conn, caller, conversation_id, updated is not None)
+            return updated
+
+        return _must_exist(await self._db.write(work), conversation_id)
+
+    async def delete_conversation(self, caller: Principal, conversation_id: str) -> None:
+        """Deletes it with its messages and ends its watchers.
+
+        Raises: InvalidArgumentError, NotFoundError, PermissionDeniedError.
+        """
         _raise_if(_check_id("id", conversation_id))
+        owner = _writer(caller)
         notify = self._on_loop(self._events.conversation_deleted)
+
+        def work(conn: Connection) -> bool:
+            deleted = store.delete_conversation(conn, conversation_id, owner=owner)
+            _deny_if_only_readable(conn, caller, conversation_id, deleted)
+            return deleted
+
         deleted = await self._db.write(
-            lambda conn: store.delete_conversation(conn, conversation_id),
-            after_commit=lambda done: notify(conversation_id) if done else None,
+            work, after_commit=lambda done: notify(conversation_id) if done else None
         )
         if not deleted:
             raise conversation_not_found(conversation_id)
 
     async def add_message(
         self,
+        caller: Principal,
         conversation_id: str,
         role: MessageRole | None,
         content: str,
@@ -133,7 +155,7 @@ class ConversationService:
     ) -> Message:
         """Appends a message, bumps the conversation, tells watchers.
 
-        Raises: InvalidArgumentError, NotFoundError.
+        Raises: InvalidArgumentError, NotFoundError, PermissionDeniedError.
         """
         violations = _check_id("conversation_id", conversation_id)
         violations += _check_content(content) + _check_metadata(metadata)
@@ -142,10 +164,11 @@ class ConversationService:
         if violations or role is None:
             raise InvalidArgumentError.of(violations)
         message_id = str(uuid.uuid4())
+        owner = _writer(caller)
         notify = self._on_loop(self._events.message_added)
 
         def work(conn: Connection) -> Message | None:
-            return store.insert_message(
+            added = store.insert_message(
                 conn,
                 message_id=message_id,
                 conversation_id=conversation_id,
@@ -153,25 +176,30 @@ class ConversationService:
                 content=content,
                 metadata=metadata,
                 now=self._clock.now(),
+                owner=owner,
             )
+            _deny_if_only_readable(conn, caller, conversation_id, added is not None)
+            return added
 
         message = await self._db.write(work, after_commit=lambda added: notify(added) if added else None)
         if message is None:
             raise conversation_not_found(conversation_id)
         return message
 
-    async def list_messages(self, conversation_id: str, size: int, token: str) -> Page[Message]:
+    async def list_messages(
+        self, caller: Principal, conversation_id: str, size: int, token: str
+    ) -> Page[Message]:
         """Oldest first. Raises: InvalidArgumentError, NotFoundError."""
         _raise_if(_check_id("conversation_id", conversation_id) + check_page_size(size))
         limit = page_size(size, default=MESSAGES_PAGE[0], maximum=MESSAGES_PAGE[1])
         scope = f"messages:{conversation_id}"
         after = _position(self._tokens.decode(scope, token)) if token else None
+        owner = _reader(caller)
 
         def work(conn: Connection) -> list[Message] | None:
-            rows = store.list_messages(conn, conversation_id, after, limit + 1)
-            if not rows and not store.conversation_exists(conn, conversation_id):
+            if not store.conversation_exists(conn, conversation_id, owner=owner):
                 return None
-            return rows
+            return store.list_messages(conn, conversation_id, after, limit + 1)
 
         rows = await self._read(limit, work)
         if rows is None:
@@ -185,8 +213,13 @@ class ConversationService:
             cut += 1
         return self._page(rows, cut, scope, store.message_position)
 
-    async def search(self, query: str, size: int) -> list[SearchHit]:
-        """Title and content substring search, best first. Raises: InvalidArgumentError."""
+    async def search(
+        self, caller: Principal, query: str, size: int, *, all_users: bool = False
+    ) -> list[SearchHit]:
+        """Title and content substring search, best first.
+
+        Raises: InvalidArgumentError, PermissionDeniedError.
+        """
         violations = []
         if not query.strip():
             violations.append(FieldViolation("query", "required"))
@@ -194,10 +227,11 @@ class ConversationService:
             violations.append(FieldViolation("query", f"at most {QUERY_MAX_LENGTH} characters"))
         _raise_if(violations + check_page_size(size))
         limit = page_size(size, default=SEARCH_PAGE[0], maximum=SEARCH_PAGE[1])
+        owner = _lister(caller, all_users)
 
         def work(conn: Connection) -> list[SearchHit]:
             hits = []
-            for conversation, matching, in_title in store.search(conn, query, limit):
+            for conversation, matching, in_title in store.search(conn, query, limit, owner=owner):
                 snippet_source, message_id = conversation.title, None
                 if not in_title:
                     first = store.first_matching_message(conn, conversation.id, query)
@@ -217,14 +251,18 @@ class ConversationService:
 
         return await self._db.read(work)
 
-    async def stats(self) -> ConversationStats:
-        """Totals and messages per UTC day for the last `STATS_DAYS` days, today last."""
+    async def stats(self, caller: Principal, *, all_users: bool = False) -> ConversationStats:
+        """Totals and messages per UTC day for the last `STATS_DAYS` days, today last.
+
+        Raises: PermissionDeniedError (`all_users` without the role for it).
+        """
+        owner = _lister(caller, all_users)
         midnight = self._clock.now().replace(hour=0, minute=0, second=0, microsecond=0)
         since = midnight - timedelta(days=STATS_DAYS - 1)
         days = [(since + timedelta(days=offset)).date() for offset in range(STATS_DAYS)]
 
         def work(conn: Connection) -> tuple[tuple[int, int], dict[str, int]]:
-            return store.totals(conn), store.messages_per_day(conn, since)
+            return store.totals(conn, owner=owner), store.messages_per_day(conn, since, owner=owner)
 
         (conversation_total, message_total), per_day = await self._db.read(work)
         return ConversationStats(
@@ -236,7 +274,9 @@ class ConversationService:
             messages_per_day=[DailyCount(day, per_day.get(day.isoformat(), 0)) for day in days],
         )
 
-    async def export(self, conversation_id: str, export_format: ExportFormat | None) -> ExportDocument:
+    async def export(
+        self, caller: Principal, conversation_id: str, export_format: ExportFormat | None
+    ) -> ExportDocument:
         """The whole conversation as one document.
 
         Raises: InvalidArgumentError, NotFoundError, ResourceExhaustedError (over
@@ -246,6 +286,7 @@ class ConversationService:
         if export_format is None:
             violations.append(FieldViolation("format", "unknown format: use JSON or MARKDOWN"))
         _raise_if(violations)
+        owner = _reader(caller)
 
         too_large = ResourceExhaustedError(
             f"conversation {conversation_id!r} is too large to export in one response "
@@ -256,7 +297,7 @@ class ConversationService:
         # Everything, rendering included, on a reader thread: a large export must not hold
         # up the event loop. The stored size is checked before any message is loaded.
         def work(conn: Connection) -> ExportDocument | None:
-            conversation = store.get_conversation(conn, conversation_id)
+            conversation = store.get_conversation(conn, conversation_id, owner=owner)
             if conversation is None:
                 return None
             if store.stored_size(conn, conversation_id) > EXPORT_MAX_BYTES:
@@ -277,7 +318,9 @@ class ConversationService:
             raise conversation_not_found(conversation_id)
         return document
 
-    async def watch(self, conversation_id: str, after_message_id: str) -> AsyncIterator[Message]:
+    async def watch(
+        self, caller: Principal, conversation_id: str, after_message_id: str
+    ) -> AsyncIterator[Message]:
         """Messages after `after_message_id` (or after now), in order, until cancelled.
 
         Every message after the starting point is delivered once, whether it arrives live or
@@ -290,9 +333,10 @@ class ConversationService:
         if after_message_id:
             violations += _check_id("after_message_id", after_message_id)
         _raise_if(violations)
+        owner = _reader(caller)
 
         def start(conn: Connection) -> store.Position | None:
-            if not store.conversation_exists(conn, conversation_id):
+            if not store.conversation_exists(conn, conversation_id, owner=owner):
                 raise conversation_not_found(conversation_id)
             if not after_message_id:
                 return store.last_message_position(conn, conversation_id)
@@ -366,6 +410,38 @@ def _wire_size(message: Message) -> int:
     if message.metadata:
         size += len(json.dumps(message.metadata, separators=(",", ":")).encode())
     return size
+
+
+def _reader(caller: Principal) -> str | None:
+    """The owner scope for reading one conversation: moderators and admins read any."""
+    return None if caller.reads_everything else caller.user_id
+
+
+def _writer(caller: Principal) -> str | None:
+    """The owner scope for changing one conversation: admins change any."""
+    return None if caller.is_admin else caller.user_id
+
+
+def _lister(caller: Principal, all_users: bool) -> str | None:
+    """The owner scope of a listing, search or statistics.
+
+    Raises: PermissionDeniedError (`all_users` asked by a plain user).
+    """
+    if not all_users:
+        return caller.user_id
+    if not caller.reads_everything:
+        raise PermissionDeniedError("all_users needs the moderator or admin role")
+    return None
+
+
+def _deny_if_only_readable(conn: Connection, caller: Principal, conversation_id: str, changed: bool) -> None:
+    """A moderator changing a conversation they may read but not change is told so, rather
+    than told it does not exist (they can see that it does)."""
+    others = not changed and caller.reads_everything and not caller.is_admin
+    if others and store.conversation_exists(conn, conversation_id, owner=None):
+        raise PermissionDeniedError(
+            f"conversation {conversation_id!r} belongs to another user; moderators may only read it"
+        )
 
 
 def _raise_if(violations: list[FieldViolation]) -> None:

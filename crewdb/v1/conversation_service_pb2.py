@@ -22,64 +22,87 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from crewdb.v1 import options_pb2 as crewdb_dot_v1_dot_options__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$crewdb/v1/conversation_service.proto\x12\tcrewdb.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa0\x01\n\x0c\x43onversation\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x05 \x01(\x03\"\xbf\x01\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12$\n\x04role\x18\x03 \x01(\x0e\x32\x16.crewdb.v1.MessageRole\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"*\n\x19\x43reateConversationRequest\x12\r\n\x05title\x18\x01 \x01(\t\"$\n\x16GetConversationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x18ListConversationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x19ListConversationsResponse\x12.\n\rconversations\x18\x01 \x03(\x0b\x32\x17.crewdb.v1.Conversation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x1eUpdateConversationTitleRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\"\'\n\x19\x44\x65leteConversationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x8e\x01\n\x11\x41\x64\x64MessageRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.crewdb.v1.MessageRole\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"U\n\x13ListMessagesRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x14ListMessagesResponse\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.crewdb.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\">\n\x1aSearchConversationsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\"G\n\x1bSearchConversationsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.crewdb.v1.SearchResult\"\x8c\x01\n\x0cSearchResult\x12-\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x17.crewdb.v1.Conversation\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0f\n\x07snippet\x18\x03 \x01(\t\x12\x12\n\nmessage_id\x18\x04 \x01(\t\x12\x19\n\x11matching_messages\x18\x05 \x01(\x03\"\x1d\n\x1bGetConversationStatsRequest\"\xab\x01\n\x11\x43onversationStats\x12\x1b\n\x13total_conversations\x18\x01 \x01(\x03\x12\x16\n\x0etotal_messages\x18\x02 \x01(\x03\x12)\n!average_messages_per_conversation\x18\x03 \x01(\x01\x12\x36\n\x10messages_per_day\x18\x04 \x03(\x0b\x32\x1c.crewdb.v1.DailyMessageCount\"0\n\x11\x44\x61ilyMessageCount\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"P\n\x19\x45xportConversationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.crewdb.v1.ExportFormat\"S\n\x1a\x45xportConversationResponse\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"I\n\x14WatchMessagesRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x18\n\x10\x61\x66ter_message_id\x18\x02 \x01(\t\"<\n\x15WatchMessagesResponse\x12#\n\x07message\x18\x01 \x01(\x0b\x32\x12.crewdb.v1.Message*\x8e\x01\n\x0bMessageRole\x12\x1c\n\x18MESSAGE_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MESSAGE_ROLE_USER\x10\x01\x12\x1a\n\x16MESSAGE_ROLE_ASSISTANT\x10\x02\x12\x17\n\x13MESSAGE_ROLE_SYSTEM\x10\x03\x12\x15\n\x11MESSAGE_ROLE_TOOL\x10\x04*a\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPORT_FORMAT_JSON\x10\x01\x12\x1a\n\x16\x45XPORT_FORMAT_MARKDOWN\x10\x02\x32\xda\x07\n\x13\x43onversationService\x12S\n\x12\x43reateConversation\x12$.crewdb.v1.CreateConversationRequest\x1a\x17.crewdb.v1.Conversation\x12M\n\x0fGetConversation\x12!.crewdb.v1.GetConversationRequest\x1a\x17.crewdb.v1.Conversation\x12^\n\x11ListConversations\x12#.crewdb.v1.ListConversationsRequest\x1a$.crewdb.v1.ListConversationsResponse\x12]\n\x17UpdateConversationTitle\x12).crewdb.v1.UpdateConversationTitleRequest\x1a\x17.crewdb.v1.Conversation\x12R\n\x12\x44\x65leteConversation\x12$.crewdb.v1.DeleteConversationRequest\x1a\x16.google.protobuf.Empty\x12>\n\nAddMessage\x12\x1c.crewdb.v1.AddMessageRequest\x1a\x12.crewdb.v1.Message\x12O\n\x0cListMessages\x12\x1e.crewdb.v1.ListMessagesRequest\x1a\x1f.crewdb.v1.ListMessagesResponse\x12\x64\n\x13SearchConversations\x12%.crewdb.v1.SearchConversationsRequest\x1a&.crewdb.v1.SearchConversationsResponse\x12\\\n\x14GetConversationStats\x12&.crewdb.v1.GetConversationStatsRequest\x1a\x1c.crewdb.v1.ConversationStats\x12\x61\n\x12\x45xportConversation\x12$.crewdb.v1.ExportConversationRequest\x1a%.crewdb.v1.ExportConversationResponse\x12T\n\rWatchMessages\x12\x1f.crewdb.v1.WatchMessagesRequest\x1a .crewdb.v1.WatchMessagesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$crewdb/v1/conversation_service.proto\x12\tcrewdb.v1\x1a\x17\x63rewdb/v1/options.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb2\x01\n\x0c\x43onversation\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08owner_id\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x05 \x01(\x03\"\xbf\x01\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12$\n\x04role\x18\x03 \x01(\x0e\x32\x16.crewdb.v1.MessageRole\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"*\n\x19\x43reateConversationRequest\x12\r\n\x05title\x18\x01 \x01(\t\"$\n\x16GetConversationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"T\n\x18ListConversationsRequest\x12\x11\n\tall_users\x18\x03 \x01(\x08\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x19ListConversationsResponse\x12.\n\rconversations\x18\x01 \x03(\x0b\x32\x17.crewdb.v1.Conversation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x1eUpdateConversationTitleRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\"\'\n\x19\x44\x65leteConversationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x8e\x01\n\x11\x41\x64\x64MessageRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.crewdb.v1.MessageRole\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"U\n\x13ListMessagesRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x14ListMessagesResponse\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.crewdb.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x1aSearchConversationsRequest\x12\x11\n\tall_users\x18\x03 \x01(\x08\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\"G\n\x1bSearchConversationsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.crewdb.v1.SearchResult\"\x8c\x01\n\x0cSearchResult\x12-\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x17.crewdb.v1.Conversation\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0f\n\x07snippet\x18\x03 \x01(\t\x12\x12\n\nmessage_id\x18\x04 \x01(\t\x12\x19\n\x11matching_messages\x18\x05 \x01(\x03\"0\n\x1bGetConversationStatsRequest\x12\x11\n\tall_users\x18\x01 \x01(\x08\"\xab\x01\n\x11\x43onversationStats\x12\x1b\n\x13total_conversations\x18\x01 \x01(\x03\x12\x16\n\x0etotal_messages\x18\x02 \x01(\x03\x12)\n!average_messages_per_conversation\x18\x03 \x01(\x01\x12\x36\n\x10messages_per_day\x18\x04 \x03(\x0b\x32\x1c.crewdb.v1.DailyMessageCount\"0\n\x11\x44\x61ilyMessageCount\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"P\n\x19\x45xportConversationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.crewdb.v1.ExportFormat\"S\n\x1a\x45xportConversationResponse\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"I\n\x14WatchMessagesRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x18\n\x10\x61\x66ter_message_id\x18\x02 \x01(\t\"<\n\x15WatchMessagesResponse\x12#\n\x07message\x18\x01 \x01(\x0b\x32\x12.crewdb.v1.Message*\x8e\x01\n\x0bMessageRole\x12\x1c\n\x18MESSAGE_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MESSAGE_ROLE_USER\x10\x01\x12\x1a\n\x16MESSAGE_ROLE_ASSISTANT\x10\x02\x12\x17\n\x13MESSAGE_ROLE_SYSTEM\x10\x03\x12\x15\n\x11MESSAGE_ROLE_TOOL\x10\x04*a\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPORT_FORMAT_JSON\x10\x01\x12\x1a\n\x16\x45XPORT_FORMAT_MARKDOWN\x10\x02\x32\x9c\x08\n\x13\x43onversationService\x12Y\n\x12\x43reateConversation\x12$.crewdb.v1.CreateConversationRequest\x1a\x17.crewdb.v1.Conversation\"\x04\x88\xb5\x18\x02\x12S\n\x0fGetConversation\x12!.crewdb.v1.GetConversationRequest\x1a\x17.crewdb.v1.Conversation\"\x04\x88\xb5\x18\x02\x12\x64\n\x11ListConversations\x12#.crewdb.v1.ListConversationsRequest\x1a$.crewdb.v1.ListConversationsResponse\"\x04\x88\xb5\x18\x02\x12\x63\n\x17UpdateConversationTitle\x12).crewdb.v1.UpdateConversationTitleRequest\x1a\x17.crewdb.v1.Conversation\"\x04\x88\xb5\x18\x02\x12X\n\x12\x44\x65leteConversation\x12$.crewdb.v1.DeleteConversationRequest\x1a\x16.google.protobuf.Empty\"\x04\x88\xb5\x18\x02\x12\x44\n\nAddMessage\x12\x1c.crewdb.v1.AddMessageRequest\x1a\x12.crewdb.v1.Message\"\x04\x88\xb5\x18\x02\x12U\n\x0cListMessages\x12\x1e.crewdb.v1.ListMessagesRequest\x1a\x1f.crewdb.v1.ListMessagesResponse\"\x04\x88\xb5\x18\x02\x12j\n\x13SearchConversations\x12%.crewdb.v1.SearchConversationsRequest\x1a&.crewdb.v1.SearchConversationsResponse\"\x04\x88\xb5\x18\x02\x12\x62\n\x14GetConversationStats\x12&.crewdb.v1.GetConversationStatsRequest\x1a\x1c.crewdb.v1.ConversationStats\"\x04\x88\xb5\x18\x02\x12g\n\x12\x45xportConversation\x12$.crewdb.v1.ExportConversationRequest\x1a%.crewdb.v1.ExportConversationResponse\"\x04\x88\xb5\x18\x02\x12Z\n\rWatchMessages\x12\x1f.crewdb.v1.WatchMessagesRequest\x1a .crewdb.v1.WatchMessagesResponse\"\x04\x88\xb5\x18\x02\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'crewdb.v1.conversation_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MESSAGEROLE']._serialized_start=2012
-  _globals['_MESSAGEROLE']._serialized_end=2154
-  _globals['_EXPORTFORMAT']._serialized_start=2156
-  _globals['_EXPORTFORMAT']._serialized_end=2253
-  _globals['_CONVERSATION']._serialized_start=144
-  _globals['_CONVERSATION']._serialized_end=304
-  _globals['_MESSAGE']._serialized_start=307
-  _globals['_MESSAGE']._serialized_end=498
-  _globals['_CREATECONVERSATIONREQUEST']._serialized_start=500
-  _globals['_CREATECONVERSATIONREQUEST']._serialized_end=542
-  _globals['_GETCONVERSATIONREQUEST']._serialized_start=544
-  _globals['_GETCONVERSATIONREQUEST']._serialized_end=580
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=582
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=647
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=649
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=749
-  _globals['_UPDATECONVERSATIONTITLEREQUEST']._serialized_start=751
-  _globals['_UPDATECONVERSATIONTITLEREQUEST']._serialized_end=810
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=812
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=851
-  _globals['_ADDMESSAGEREQUEST']._serialized_start=854
-  _globals['_ADDMESSAGEREQUEST']._serialized_end=996
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=998
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=1083
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1085
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1170
-  _globals['_SEARCHCONVERSATIONSREQUEST']._serialized_start=1172
-  _globals['_SEARCHCONVERSATIONSREQUEST']._serialized_end=1234
-  _globals['_SEARCHCONVERSATIONSRESPONSE']._serialized_start=1236
-  _globals['_SEARCHCONVERSATIONSRESPONSE']._serialized_end=1307
-  _globals['_SEARCHRESULT']._serialized_start=1310
-  _globals['_SEARCHRESULT']._serialized_end=1450
-  _globals['_GETCONVERSATIONSTATSREQUEST']._serialized_start=1452
-  _globals['_GETCONVERSATIONSTATSREQUEST']._serialized_end=1481
-  _globals['_CONVERSATIONSTATS']._serialized_start=1484
-  _globals['_CONVERSATIONSTATS']._serialized_end=1655
-  _globals['_DAILYMESSAGECOUNT']._serialized_start=1657
-  _globals['_DAILYMESSAGECOUNT']._serialized_end=1705
-  _globals['_EXPORTCONVERSATIONREQUEST']._serialized_start=1707
-  _globals['_EXPORTCONVERSATIONREQUEST']._serialized_end=1787
-  _globals['_EXPORTCONVERSATIONRESPONSE']._serialized_start=1789
-  _globals['_EXPORTCONVERSATIONRESPONSE']._serialized_end=1872
-  _globals['_WATCHMESSAGESREQUEST']._serialized_start=1874
-  _globals['_WATCHMESSAGESREQUEST']._serialized_end=1947
-  _globals['_WATCHMESSAGESRESPONSE']._serialized_start=1949
-  _globals['_WATCHMESSAGESRESPONSE']._serialized_end=2009
-  _globals['_CONVERSATIONSERVICE']._serialized_start=2256
-  _globals['_CONVERSATIONSERVICE']._serialized_end=3242
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['CreateConversation']._loaded_options = None
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['CreateConversation']._serialized_options = b'\210\265\030\002'
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['GetConversation']._loaded_options = None
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['GetConversation']._serialized_options = b'\210\265\030\002'
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['ListConversations']._loaded_options = None
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['ListConversations']._serialized_options = b'\210\265\030\002'
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['UpdateConversationTitle']._loaded_options = None
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['UpdateConversationTitle']._serialized_options = b'\210\265\030\002'
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['DeleteConversation']._loaded_options = None
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['DeleteConversation']._serialized_options = b'\210\265\030\002'
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['AddMessage']._loaded_options = None
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['AddMessage']._serialized_options = b'\210\265\030\002'
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['ListMessages']._loaded_options = None
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['ListMessages']._serialized_options = b'\210\265\030\002'
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['SearchConversations']._loaded_options = None
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['SearchConversations']._serialized_options = b'\210\265\030\002'
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['GetConversationStats']._loaded_options = None
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['GetConversationStats']._serialized_options = b'\210\265\030\002'
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['ExportConversation']._loaded_options = None
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['ExportConversation']._serialized_options = b'\210\265\030\002'
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['WatchMessages']._loaded_options = None
+  _globals['_CONVERSATIONSERVICE'].methods_by_name['WatchMessages']._serialized_options = b'\210\265\030\002'
+  _globals['_MESSAGEROLE']._serialized_start=2112
+  _globals['_MESSAGEROLE']._serialized_end=2254
+  _globals['_EXPORTFORMAT']._serialized_start=2256
+  _globals['_EXPORTFORMAT']._serialized_end=2353
+  _globals['_CONVERSATION']._serialized_start=169
+  _globals['_CONVERSATION']._serialized_end=347
+  _globals['_MESSAGE']._serialized_start=350
+  _globals['_MESSAGE']._serialized_end=541
+  _globals['_CREATECONVERSATIONREQUEST']._serialized_start=543
+  _globals['_CREATECONVERSATIONREQUEST']._serialized_end=585
+  _globals['_GETCONVERSATIONREQUEST']._serialized_start=587
+  _globals['_GETCONVERSATIONREQUEST']._serialized_end=623
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=625
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=709
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=711
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=811
+  _globals['_UPDATECONVERSATIONTITLEREQUEST']._serialized_start=813
+  _globals['_UPDATECONVERSATIONTITLEREQUEST']._serialized_end=872
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=874
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=913
+  _globals['_ADDMESSAGEREQUEST']._serialized_start=916
+  _globals['_ADDMESSAGEREQUEST']._serialized_end=1058
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=1060
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=1145
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1147
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1232
+  _globals['_SEARCHCONVERSATIONSREQUEST']._serialized_start=1234
+  _globals['_SEARCHCONVERSATIONSREQUEST']._serialized_end=1315
+  _globals['_SEARCHCONVERSATIONSRESPONSE']._serialized_start=1317
+  _globals['_SEARCHCONVERSATIONSRESPONSE']._serialized_end=1388
+  _globals['_SEARCHRESULT']._serialized_start=1391
+  _globals['_SEARCHRESULT']._serialized_end=1531
+  _globals['_GETCONVERSATIONSTATSREQUEST']._serialized_start=1533
+  _globals['_GETCONVERSATIONSTATSREQUEST']._serialized_end=1581
+  _globals['_CONVERSATIONSTATS']._serialized_start=1584
+  _globals['_CONVERSATIONSTATS']._serialized_end=1755
+  _globals['_DAILYMESSAGECOUNT']._serialized_start=1757
+  _globals['_DAILYMESSAGECOUNT']._serialized_end=1805
+  _globals['_EXPORTCONVERSATIONREQUEST']._serialized_start=1807
+  _globals['_EXPORTCONVERSATIONREQUEST']._serialized_end=1887
+  _globals['_EXPORTCONVERSATIONRESPONSE']._serialized_start=1889
+  _globals['_EXPORTCONVERSATIONRESPONSE']._serialized_end=1972
+  _globals['_WATCHMESSAGESREQUEST']._serialized_start=1974
+  _globals['_WATCHMESSAGESREQUEST']._serialized_end=2047
+  _globals['_WATCHMESSAGESRESPONSE']._serialized_start=2049
+  _globals['_WATCHMESSAGESRESPONSE']._serialized_end=2109
+  _globals['_CONVERSATIONSERVICE']._serialized_start=2356
+  _globals['_CONVERSATIONSERVICE']._serialized_end=3408
 # @@protoc_insertion_point(module_scope)

@@ -85,6 +85,7 @@ class Conversation(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     TITLE_FIELD_NUMBER: _builtins.int
+    OWNER_ID_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     MESSAGE_COUNT_FIELD_NUMBER: _builtins.int
@@ -92,6 +93,8 @@ class Conversation(_message.Message):
     """Server-assigned, opaque, immutable."""
     title: _builtins.str
     """Free text, at most 200 characters; may be empty."""
+    owner_id: _builtins.str
+    """The account that created it; empty for conversations stored before accounts existed."""
     message_count: _builtins.int
     """Number of messages in the conversation."""
     @_builtins.property
@@ -105,13 +108,14 @@ class Conversation(_message.Message):
         *,
         id: _builtins.str = ...,
         title: _builtins.str = ...,
+        owner_id: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         message_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "id", b"id", "message_count", b"message_count", "title", b"title", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "id", b"id", "message_count", b"message_count", "owner_id", b"owner_id", "title", b"title", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -207,8 +211,11 @@ Global___GetConversationRequest: _TypeAlias = GetConversationRequest  # noqa: Y0
 class ListConversationsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    ALL_USERS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    all_users: _builtins.bool
+    """Moderators and admins: list every user's conversations (PERMISSION_DENIED for others)."""
     page_size: _builtins.int
     """0 for the default (50); at most 200 (larger values are clamped); negative is refused."""
     page_token: _builtins.str
@@ -218,12 +225,13 @@ class ListConversationsRequest(_message.Message):
     def __init__(
         self,
         *,
+        all_users: _builtins.bool = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_users", b"all_users", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -387,8 +395,11 @@ Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015
 class SearchConversationsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    ALL_USERS_FIELD_NUMBER: _builtins.int
     QUERY_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    all_users: _builtins.bool
+    """Moderators and admins: search every user's conversations (PERMISSION_DENIED for others)."""
     query: _builtins.str
     """Required, 1 to 200 characters, not only whitespace; matched as a literal substring."""
     page_size: _builtins.int
@@ -396,12 +407,13 @@ class SearchConversationsRequest(_message.Message):
     def __init__(
         self,
         *,
+        all_users: _builtins.bool = ...,
         query: _builtins.str = ...,
         page_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "query", b"query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_users", b"all_users", "page_size", b"page_size", "query", b"query"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -475,12 +487,19 @@ Global___SearchResult: _TypeAlias = SearchResult  # noqa: Y015
 class GetConversationStatsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    ALL_USERS_FIELD_NUMBER: _builtins.int
+    all_users: _builtins.bool
+    """Moderators and admins: totals over every user's conversations (PERMISSION_DENIED for
+    others). Without it, the caller's own.
+    """
     def __init__(
         self,
+        *,
+        all_users: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_users", b"all_users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -30,12 +30,21 @@ GRPC_VERSION: str
 class ConversationServiceStub:
     """ConversationService stores conversations and the messages exchanged in them.
 
+    Access: every RPC needs a signed-in account (see UserService). A conversation belongs to the
+    account that created it. Users see and change only their own: another user's conversation
+    is NOT_FOUND, exactly like a missing one. Moderators may also read every conversation
+    (changing another's is PERMISSION_DENIED); admins may do everything. Listing, search and
+    statistics cover the caller's own conversations unless `all_users` is set (moderators and
+    admins only). Conversations stored before accounts existed have no owner and are reached
+    through `all_users`.
+
     Errors: every failure carries a `google.rpc.Status` in the `grpc-status-details-bin` trailer
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
     INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
-    EXPORT_TOO_LARGE, MALFORMED_REQUEST (bytes that do not decode), INTERNAL. A request over
-    4 MiB is refused by gRPC itself with RESOURCE_EXHAUSTED and no details.
+    EXPORT_TOO_LARGE, MALFORMED_REQUEST (bytes that do not decode), UNAUTHENTICATED,
+    PERMISSION_DENIED, INTERNAL. A request over 4 MiB is refused by gRPC itself with
+    RESOURCE_EXHAUSTED and no details.
 
     Limits (all INVALID_ARGUMENT when exceeded):
       - conversation title: at most 200 characters;
@@ -103,12 +112,21 @@ class ConversationServiceStub:
 class ConversationServiceAsyncStub(ConversationServiceStub):
     """ConversationService stores conversations and the messages exchanged in them.
 
+    Access: every RPC needs a signed-in account (see UserService). A conversation belongs to the
+    account that created it. Users see and change only their own: another user's conversation
+    is NOT_FOUND, exactly like a missing one. Moderators may also read every conversation
+    (changing another's is PERMISSION_DENIED); admins may do everything. Listing, search and
+    statistics cover the caller's own conversations unless `all_users` is set (moderators and
+    admins only). Conversations stored before accounts existed have no owner and are reached
+    through `all_users`.
+
     Errors: every failure carries a `google.rpc.Status` in the `grpc-status-details-bin` trailer
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
     INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
-    EXPORT_TOO_LARGE, MALFORMED_REQUEST (bytes that do not decode), INTERNAL. A request over
-    4 MiB is refused by gRPC itself with RESOURCE_EXHAUSTED and no details.
+    EXPORT_TOO_LARGE, MALFORMED_REQUEST (bytes that do not decode), UNAUTHENTICATED,
+    PERMISSION_DENIED, INTERNAL. A request over 4 MiB is refused by gRPC itself with
+    RESOURCE_EXHAUSTED and no details.
 
     Limits (all INVALID_ARGUMENT when exceeded):
       - conversation title: at most 200 characters;
@@ -172,12 +190,21 @@ class ConversationServiceAsyncStub(ConversationServiceStub):
 class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
     """ConversationService stores conversations and the messages exchanged in them.
 
+    Access: every RPC needs a signed-in account (see UserService). A conversation belongs to the
+    account that created it. Users see and change only their own: another user's conversation
+    is NOT_FOUND, exactly like a missing one. Moderators may also read every conversation
+    (changing another's is PERMISSION_DENIED); admins may do everything. Listing, search and
+    statistics cover the caller's own conversations unless `all_users` is set (moderators and
+    admins only). Conversations stored before accounts existed have no owner and are reached
+    through `all_users`.
+
     Errors: every failure carries a `google.rpc.Status` in the `grpc-status-details-bin` trailer
     with one `google.rpc.ErrorInfo` (domain `crewdb.v1`, a stable UPPER_SNAKE `reason`) and, for
     INVALID_ARGUMENT, a `google.rpc.BadRequest` naming every offending field. Reasons used here:
     INVALID_ARGUMENT, CONVERSATION_NOT_FOUND, MESSAGE_NOT_FOUND, INVALID_PAGE_TOKEN,
-    EXPORT_TOO_LARGE, MALFORMED_REQUEST (bytes that do not decode), INTERNAL. A request over
-    4 MiB is refused by gRPC itself with RESOURCE_EXHAUSTED and no details.
+    EXPORT_TOO_LARGE, MALFORMED_REQUEST (bytes that do not decode), UNAUTHENTICATED,
+    PERMISSION_DENIED, INTERNAL. A request over 4 MiB is refused by gRPC itself with
+    RESOURCE_EXHAUSTED and no details.
 
     Limits (all INVALID_ARGUMENT when exceeded):
       - conversation title: at most 200 characters;

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import platform
+import secrets
 import socket
 import subprocess
 import sys
@@ -28,10 +29,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crewdb.v1 import conversation_service_pb2 as pb
 from crewdb.v1 import conversation_service_pb2_grpc as pb_grpc
+from crewdb.v1 import user_service_pb2 as users_pb
+from crewdb.v1 import user_service_pb2_grpc as users_grpc
 from tests.bench.echo_server import METHOD as ECHO_METHOD
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "docs" / "benchmarks.md"
+PASSWORD = "bench password, not a common one"  # noqa: S105 - a throwaway account on a temp database
 
 
 @dataclass
@@ -126,11 +130,12 @@ async def load(
     return Result(name, calls, elapsed, latencies)
 
 
-async def run(args: argparse.Namespace) -> list[tuple[Result, Result]]:
+async def run(args: argparse.Namespace) -> tuple[list[tuple[Result, Result]], list[Result]]:
     python = sys.executable
     payload = pb.GetConversationRequest(id="0" * 36).SerializeToString()
     echo_port = free_port()
     results: list[tuple[Result, Result]] = []
+    logins: list[Result] = []
     measure = {"clients": args.clients, "seconds": args.seconds, "warmup": args.warmup}  # for load()
 
     def echo_call(channel: aio.Channel, _: int) -> Callable[[], Awaitable[object]]:
@@ -152,14 +157,23 @@ async def run(args: argparse.Namespace) -> list[tuple[Result, Result]]:
             "DATABASE_PATH": f"{data}/app.db",
             "CREWDB_PORT": str(port),
             "CREWDB_LOG_LEVEL": "WARNING",
+            "JWT_SECRET": secrets.token_urlsafe(48),
         }
         address = f"127.0.0.1:{port}"
         with process([python, "-m", "crewdb", "serve"], env=env):
             await wait_until_serving(address, health=True)
             async with aio.insecure_channel(address) as channel:
+                users = users_grpc.UserServiceStub(channel)
+                await users.Register(
+                    users_pb.RegisterRequest(email="bench@example.com", username="bench", password=PASSWORD)
+                )
+                login = await users.Login(users_pb.LoginRequest(email_or_username="bench", password=PASSWORD))
+                auth = (("authorization", f"Bearer {login.access_token}"),)
                 stub = pb_grpc.ConversationServiceStub(channel)
                 conversations = [
-                    await stub.CreateConversation(pb.CreateConversationRequest(title=f"bench {i}"))
+                    await stub.CreateConversation(
+                        pb.CreateConversationRequest(title=f"bench {i}"), metadata=auth
+                    )
                     for i in range(args.clients)
                 ]
                 for i in range(200):
@@ -168,19 +182,20 @@ async def run(args: argparse.Namespace) -> list[tuple[Result, Result]]:
                             conversation_id=conversations[0].id,
                             role=pb.MESSAGE_ROLE_USER,
                             content=f"message {i}: " + "lorem ipsum " * 20,
-                        )
+                        ),
+                        metadata=auth,
                     )
             target = conversations[0].id
 
             def get(channel: aio.Channel, _: int) -> Callable[[], Awaitable[object]]:
                 stub = pb_grpc.ConversationServiceStub(channel)
                 request = pb.GetConversationRequest(id=target)
-                return lambda: stub.GetConversation(request)
+                return lambda: stub.GetConversation(request, metadata=auth)
 
             def list_messages(channel: aio.Channel, _: int) -> Callable[[], Awaitable[object]]:
                 stub = pb_grpc.ConversationServiceStub(channel)
                 request = pb.ListMessagesRequest(conversation_id=target, page_size=20)
-                return lambda: stub.ListMessages(request)
+                return lambda: stub.ListMessages(request, metadata=auth)
 
             def add(channel: aio.Channel, index: int) -> Callable[[], Awaitable[object]]:
                 stub = pb_grpc.ConversationServiceStub(channel)
@@ -190,15 +205,40 @@ async def run(args: argparse.Namespace) -> list[tuple[Result, Result]]:
                     content="a reply of modest length, as agents write them " * 4,
                 )
                 request.metadata.update({"model": "bench", "tokens": 42})
-                return lambda: stub.AddMessage(request)
+                return lambda: stub.AddMessage(request, metadata=auth)
 
-            results.append((await baseline(), await load("GetConversation", address, get, **measure)))
+            results.append(
+                (await baseline(), await load("GetConversation (authenticated)", address, get, **measure))
+            )
             results.append(
                 (await baseline(), await load("ListMessages (20/page)", address, list_messages, **measure))
             )
             results.append((await baseline(), await load("AddMessage", address, add, **measure)))
-            results.append((await baseline(), await with_watchers(address, target, args, get)))
-    return results
+            results.append((await baseline(), await with_watchers(address, target, args, get, auth)))
+            logins.append(await login_rate(address, 1, args.seconds))
+            logins.append(await login_rate(address, 2, args.seconds))
+    return results, logins
+
+
+async def login_rate(address: str, callers: int, seconds: float) -> Result:
+    """Sign-ins per second with `callers` concurrent callers (bcrypt dominates each one)."""
+    channels = [aio.insecure_channel(address) for _ in range(callers)]
+    request = users_pb.LoginRequest(email_or_username="bench", password=PASSWORD)
+    latencies: list[float] = []
+    stop_at = time.monotonic() + seconds
+
+    async def caller(channel: aio.Channel) -> None:
+        stub = users_grpc.UserServiceStub(channel)
+        while (started := time.monotonic()) < stop_at:
+            await stub.Login(request)
+            latencies.append(time.monotonic() - started)
+
+    begun = time.monotonic()
+    await asyncio.gather(*(caller(channel) for channel in channels))
+    elapsed = time.monotonic() - begun
+    for channel in channels:
+        await channel.close()
+    return Result(f"Login, {callers} concurrent", len(latencies), elapsed, latencies)
 
 
 async def with_watchers(
@@ -206,13 +246,16 @@ async def with_watchers(
     conversation_id: str,
     args: argparse.Namespace,
     get: Callable[[aio.Channel, int], Callable[[], Awaitable[object]]],
+    auth: tuple[tuple[str, str], ...],
 ) -> Result:
     """GetConversation while `args.watchers` WatchMessages streams stay open on the server."""
     channels = [aio.insecure_channel(address) for _ in range(max(1, args.watchers // 100))]
     streams = []
     for i in range(args.watchers):
         stub = pb_grpc.ConversationServiceStub(channels[i % len(channels)])
-        streams.append(stub.WatchMessages(pb.WatchMessagesRequest(conversation_id=conversation_id)))
+        streams.append(
+            stub.WatchMessages(pb.WatchMessagesRequest(conversation_id=conversation_id), metadata=auth)
+        )
     await asyncio.sleep(1)  # let every stream reach the server
     name = f"GetConversation, {args.watchers} watchers open"
     result = await load(name, address, get, clients=args.clients, seconds=args.seconds, warmup=args.warmup)
@@ -223,7 +266,7 @@ async def with_watchers(
     return result
 
 
-def report(results: list[tuple[Result, Result]], args: argparse.Namespace) -> str:
+def report(results: list[tuple[Result, Result]], logins: list[Result], args: argparse.Namespace) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -244,6 +287,19 @@ def report(results: list[tuple[Result, Result]], args: argparse.Namespace) -> st
         lines.append(
             f"| {result.name} | {result.qps:,.0f} | {result.percentile(0.5):.2f} "
             f"| {result.percentile(0.99):.2f} | {base.qps:,.0f} | {result.qps / base.qps:.2f} |"
+        )
+    single = logins[0].qps
+    lines += [
+        "",
+        "Sign-ins (bcrypt, 10 rounds, on its own threads; it releases the GIL):",
+        "",
+        "| scenario | logins/s | p50 ms | p99 ms | ratio to 1 caller |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for result in logins:
+        lines.append(
+            f"| {result.name} | {result.qps:,.1f} | {result.percentile(0.5):.1f} "
+            f"| {result.percentile(0.99):.1f} | {result.qps / single:.2f} |"
         )
     return "\n".join(lines) + "\n" + READING
 
@@ -281,8 +337,8 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=500)
     parser.add_argument("--no-write", action="store_true", help="print only; keep docs/benchmarks.md")
     args = parser.parse_args()
-    results = asyncio.run(run(args))
-    text = report(results, args)
+    results, logins = asyncio.run(run(args))
+    text = report(results, logins, args)
     print(text)
     if not args.no_write:
         REPORT.write_text(text)

@@ -15,10 +15,11 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from crewdb.client import Client
 from crewdb.config import Settings
 from crewdb.v1 import conversation_service_pb2 as pb
 from crewdb.v1.conversation_service_pb2_grpc import ConversationServiceStub
-from tests.conftest import RunningServer, start_server
+from tests.conftest import PASSWORD, RunningServer, start_server
 from tests.rpc_errors import failure
 
 TIMEOUT = 5.0
@@ -630,8 +631,9 @@ def test_data_survives_a_restart(conversations: ConversationServiceStub, server:
 
     restarted, stop = start_server(server.settings)
     try:
-        with grpc.insecure_channel(restarted.address) as channel:
-            again = ConversationServiceStub(channel)
+        with Client(restarted.address) as alice:
+            alice.login("alice", PASSWORD)
+            again = alice.conversations
             assert get(again, conversation.id) == before
             assert all_messages(again, conversation.id) == added
             later = add(again, conversation.id, "after restart")

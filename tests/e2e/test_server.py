@@ -17,10 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from crewdb.cli import main
+from crewdb.client import Client
 from crewdb.config import Settings
+from crewdb.server import jwt_secret
 from crewdb.v1 import conversation_service_pb2 as pb
-from crewdb.v1 import conversation_service_pb2_grpc as pb_grpc
-from tests.conftest import RunningServer, start_server
+from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, sign_in, start_server
 from tests.rpc_errors import failure
 
 SERVICE = "crewdb.v1.ConversationService"
@@ -100,7 +101,11 @@ def test_reflection_stub_v1alpha_works(channel: grpc.Channel) -> None:
 def test_a_port_in_use_is_a_clear_startup_error(
     server: RunningServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    env = {"DATABASE_PATH": str(tmp_path / "second.db"), "CREWDB_PORT": str(server.app.port)}
+    env = {
+        "DATABASE_PATH": str(tmp_path / "second.db"),
+        "CREWDB_PORT": str(server.app.port),
+        "JWT_SECRET": TEST_SECRET,
+    }
     assert main(["serve"], env=env) == 1
     assert f"cannot listen on 127.0.0.1:{server.app.port}" in caplog.text
     # The first server still has the port to itself.
@@ -118,8 +123,8 @@ def test_an_unexpected_failure_is_internal_with_a_request_id_and_no_traceback(
 ) -> None:
     running, stop = start_server(settings)
     try:
-        with grpc.insecure_channel(running.address) as channel:
-            stub = pb_grpc.ConversationServiceStub(channel)
+        with sign_in(running, "alice") as alice:
+            stub = alice.conversations
             conversation = stub.CreateConversation(pb.CreateConversationRequest(title="t"))
             # A row this server never writes: a role from outside the enum, as a hand edit or
             # another program could leave behind.
@@ -157,7 +162,12 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_serve_subprocess_serves_then_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     port = _free_port()
-    env = {**os.environ, "DATABASE_PATH": str(tmp_path / "app.db"), "CREWDB_PORT": str(port)}
+    env = {
+        **os.environ,
+        "DATABASE_PATH": str(tmp_path / "app.db"),
+        "CREWDB_PORT": str(port),
+        "JWT_SECRET": TEST_SECRET,
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "crewdb", "serve"],
         env=env,
@@ -177,7 +187,10 @@ def test_serve_subprocess_serves_then_exits_cleanly_on_sigterm(tmp_path: Path) -
                 assert process.poll() is None, process.communicate()[1]
                 assert time.monotonic() < deadline, "server never reported SERVING"
                 time.sleep(0.1)
-            stub = pb_grpc.ConversationServiceStub(channel)
+        with Client(f"127.0.0.1:{port}") as client:
+            client.register("smoke@example.com", "smoke", PASSWORD)
+            client.login("smoke", PASSWORD)
+            stub = client.conversations
             created = stub.CreateConversation(pb.CreateConversationRequest(title="smoke"), timeout=5)
             assert stub.GetConversation(pb.GetConversationRequest(id=created.id), timeout=5).title == "smoke"
         process.send_signal(signal.SIGTERM)
@@ -189,3 +202,29 @@ def test_serve_subprocess_serves_then_exits_cleanly_on_sigterm(tmp_path: Path) -
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert "stopped" in stderr
+
+
+def test_serving_a_configured_database_without_jwt_secret_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = {"DATABASE_PATH": str(tmp_path / "app.db"), "CREWDB_PORT": "0"}
+    assert main(["serve"], env=env) == 1
+    assert "JWT_SECRET is not set" in caplog.text
+
+
+def test_a_short_jwt_secret_is_a_configuration_error_that_does_not_show_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve"], env={"JWT_SECRET": "too-short-secret"}) == 2
+    err = capsys.readouterr().err
+    assert "JWT_SECRET" in err
+    assert "too-short-secret" not in err
+
+
+def test_embedded_defaults_generate_a_private_secret_once_and_keep_it(tmp_path: Path) -> None:
+    settings = Settings(database_path=tmp_path / "data" / "app.db", embedded_defaults=True)
+    first = jwt_secret(settings)
+    secret_file = tmp_path / "data" / "jwt_secret"
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    assert len(first) >= 32
+    assert jwt_secret(settings) == first

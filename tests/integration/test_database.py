@@ -49,7 +49,7 @@ def test_deleting_a_conversation_really_deletes_its_messages(db: Database) -> No
     clock = Clock()
 
     def fill(conn: Connection) -> None:
-        store.insert_conversation(conn, "c1", "t", clock.now())
+        store.insert_conversation(conn, "c1", "t", clock.now(), owner=None)
         for i in range(3):
             store.insert_message(
                 conn,
@@ -59,17 +59,18 @@ def test_deleting_a_conversation_really_deletes_its_messages(db: Database) -> No
                 content="x",
                 metadata=None,
                 now=clock.now(),
+                owner=None,
             )
 
     db.write_sync(fill)
-    assert db.write_sync(lambda conn: store.delete_conversation(conn, "c1"))
+    assert db.write_sync(lambda conn: store.delete_conversation(conn, "c1", owner=None))
     remaining = db.read_sync(lambda conn: conn.exec_driver_sql("SELECT count(*) FROM messages").scalar_one())
     assert remaining == 0
 
 
 def test_writes_from_many_threads_all_land_once(db: Database) -> None:
     clock = Clock()
-    db.write_sync(lambda conn: store.insert_conversation(conn, "c1", "t", clock.now()))
+    db.write_sync(lambda conn: store.insert_conversation(conn, "c1", "t", clock.now(), owner=None))
 
     async def add_many() -> None:
         async def add(i: int) -> None:
@@ -82,6 +83,7 @@ def test_writes_from_many_threads_all_land_once(db: Database) -> None:
                     content=str(i),
                     metadata=None,
                     now=clock.now(),
+                    owner=None,
                 )
             )
 
@@ -92,7 +94,7 @@ def test_writes_from_many_threads_all_land_once(db: Database) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    conversation = db.read_sync(lambda conn: store.get_conversation(conn, "c1"))
+    conversation = db.read_sync(lambda conn: store.get_conversation(conn, "c1", owner=None))
     assert conversation is not None
     assert conversation.message_count == 200
     listed = db.read_sync(lambda conn: store.list_messages(conn, "c1", None, None))
@@ -114,7 +116,7 @@ def test_a_clock_that_stepped_back_still_orders_new_messages_last(db: Database) 
     """After a restart with a clock behind the stored messages, order is kept by adding just
     after the last message rather than at the (earlier) wall-clock time."""
     ahead = datetime.now(UTC) + timedelta(minutes=5)
-    db.write_sync(lambda conn: store.insert_conversation(conn, "c1", "t", ahead))
+    db.write_sync(lambda conn: store.insert_conversation(conn, "c1", "t", ahead, owner=None))
 
     def add(message_id: str, now: datetime) -> Message | None:
         return db.write_sync(
@@ -126,6 +128,7 @@ def test_a_clock_that_stepped_back_still_orders_new_messages_last(db: Database) 
                 content=message_id,
                 metadata=None,
                 now=now,
+                owner=None,
             )
         )
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
 
 from crewdb.cli import main
 from crewdb.db.engine import create_engine, sqlite_url
@@ -52,11 +54,31 @@ REQUIRED_INDEXES = {
 }
 
 
+def schema_differences(conn: Connection) -> list[Any]:
+    """Alembic's comparison of the database with schema.py, less one known blind spot.
+
+    SQLAlchemy does not read ON DELETE from a column-level REFERENCES clause, which is how
+    migration 0003 adds conversations.owner_id on SQLite; it then reports that foreign key as
+    different. SQLite's own catalogue is checked for it instead.
+    """
+    rows = conn.exec_driver_sql("PRAGMA foreign_key_list(conversations)").all()
+    assert [(row[2], row[3], row[4], row[6]) for row in rows] == [("users", "owner_id", "id", "CASCADE")]
+
+    def owner_fk(change: Any) -> bool:
+        return (
+            isinstance(change, tuple)
+            and change[0] in ("add_fk", "remove_fk")
+            and list(change[1].column_keys) == ["owner_id"]
+        )
+
+    return [c for c in compare_metadata(MigrationContext.configure(conn), metadata) if not owner_fk(c)]
+
+
 def test_migrating_an_empty_database_yields_exactly_the_core_metadata(tmp_path: Path) -> None:
     engine = create_engine(sqlite_url(tmp_path / "app.db"))
     assert migrate(engine) == (None, head_revision())
     with engine.connect() as conn:
-        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+        assert schema_differences(conn) == []
         inspector = inspect(conn)
         for table, indexes in REQUIRED_INDEXES.items():
             assert indexes <= {index["name"] for index in inspector.get_indexes(table)}
@@ -90,7 +112,8 @@ def test_the_original_applications_database_is_adopted_with_its_rows(tmp_path: P
     with engine.connect() as conn:
         count = conn.exec_driver_sql("SELECT message_count FROM conversations WHERE id='c1'")
         assert count.scalar_one() == 2
-        differences = compare_metadata(MigrationContext.configure(conn), metadata)
+        assert conn.exec_driver_sql("SELECT count(*) FROM messages").scalar_one() == 2
+        differences = schema_differences(conn)
     # The one known difference: SQLite lets a TEXT PRIMARY KEY declared without NOT NULL hold
     # NULL, and the original DDL did not say NOT NULL (docs/schema.md).
     assert all(change[0][0] == "modify_nullable" and change[0][3] == "id" for change in differences), (
