@@ -239,8 +239,11 @@ class ConversationServiceServicer:
         """Streams messages added to a conversation, in order, until the client cancels.
         With `after_message_id` set, first replays every message after that one, then continues
         live without gaps or duplicates; without it, only messages added after the call starts.
-        Ends with NOT_FOUND when the conversation is deleted, and with UNAVAILABLE when the server
-        shuts down (resume with the last id received).
+        Ends with NOT_FOUND when the conversation is deleted, with UNAVAILABLE when the server
+        shuts down, with UNAUTHENTICATED once the access token expires or its session ends, and
+        with PERMISSION_DENIED when the caller's role changes (the caller is checked again, at
+        most once a second, before a message is sent). Resume with a fresh token and the last id
+        received.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -104,8 +104,11 @@ class ConversationServiceStub:
     """Streams messages added to a conversation, in order, until the client cancels.
     With `after_message_id` set, first replays every message after that one, then continues
     live without gaps or duplicates; without it, only messages added after the call starts.
-    Ends with NOT_FOUND when the conversation is deleted, and with UNAVAILABLE when the server
-    shuts down (resume with the last id received).
+    Ends with NOT_FOUND when the conversation is deleted, with UNAVAILABLE when the server
+    shuts down, with UNAUTHENTICATED once the access token expires or its session ends, and
+    with PERMISSION_DENIED when the caller's role changes (the caller is checked again, at
+    most once a second, before a message is sent). Resume with a fresh token and the last id
+    received.
     """
 
 @_typing.type_check_only
@@ -183,8 +186,11 @@ class ConversationServiceAsyncStub(ConversationServiceStub):
     """Streams messages added to a conversation, in order, until the client cancels.
     With `after_message_id` set, first replays every message after that one, then continues
     live without gaps or duplicates; without it, only messages added after the call starts.
-    Ends with NOT_FOUND when the conversation is deleted, and with UNAVAILABLE when the server
-    shuts down (resume with the last id received).
+    Ends with NOT_FOUND when the conversation is deleted, with UNAVAILABLE when the server
+    shuts down, with UNAUTHENTICATED once the access token expires or its session ends, and
+    with PERMISSION_DENIED when the caller's role changes (the caller is checked again, at
+    most once a second, before a message is sent). Resume with a fresh token and the last id
+    received.
     """
 
 class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -325,8 +331,11 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams messages added to a conversation, in order, until the client cancels.
         With `after_message_id` set, first replays every message after that one, then continues
         live without gaps or duplicates; without it, only messages added after the call starts.
-        Ends with NOT_FOUND when the conversation is deleted, and with UNAVAILABLE when the server
-        shuts down (resume with the last id received).
+        Ends with NOT_FOUND when the conversation is deleted, with UNAVAILABLE when the server
+        shuts down, with UNAUTHENTICATED once the access token expires or its session ends, and
+        with PERMISSION_DENIED when the caller's role changes (the caller is checked again, at
+        most once a second, before a message is sent). Resume with a fresh token and the last id
+        received.
         """
 
 def add_ConversationServiceServicer_to_server(servicer: ConversationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
