@@ -152,13 +152,7 @@ class Accounts:
         # Keyed by the account when there is one, so its email and username share one count.
         account = f"account:{user.id}" if user is not None else f"account:{identifier}"
         keys = (account, f"address:{address}")
-        wait = self._throttle.retry_after(*keys)
-        if wait > 0:
-            raise ResourceExhaustedError(
-                f"too many failed sign-ins; try again in {wait:.0f} s",
-                retry_after_seconds=wait,
-                reason="TOO_MANY_ATTEMPTS",
-            )
+        self._refuse_if_throttled(*keys)
         # Unknown account, wrong password, deactivated account: one answer, one cost.
         matches = await self._hasher.verify(password, hashed)
         if user is None or not matches or not user.active:
@@ -242,6 +236,16 @@ class Accounts:
             "invalid, expired or already used refresh token", reason="INVALID_REFRESH_TOKEN"
         )
 
+    def _refuse_if_throttled(self, *keys: str) -> None:
+        """Raises ResourceExhaustedError (TOO_MANY_ATTEMPTS) while any key is in a delay."""
+        wait = self._throttle.retry_after(*keys)
+        if wait > 0:
+            raise ResourceExhaustedError(
+                f"too many failed attempts; try again in {wait:.0f} s",
+                retry_after_seconds=wait,
+                reason="TOO_MANY_ATTEMPTS",
+            )
+
     def _pair(self, user: User, family_id: str, refresh_token: str) -> TokenPair:
         access = self._tokens.issue(user.id, user.role, family_id)
         return TokenPair(access, refresh_token, self._tokens.ttl_seconds, user)
@@ -297,13 +301,7 @@ class Accounts:
             raise InvalidArgumentError.of(violations)
         # Guessing the current password with a stolen access token is throttled like sign-in.
         account = f"account:{caller.user_id}"
-        wait = self._throttle.retry_after(account)
-        if wait > 0:
-            raise ResourceExhaustedError(
-                f"too many wrong passwords; try again in {wait:.0f} s",
-                retry_after_seconds=wait,
-                reason="TOO_MANY_ATTEMPTS",
-            )
+        self._refuse_if_throttled(account)
         stored = self._db.read_now(lambda conn: store.password_hash(conn, caller.user_id))
         if not await self._hasher.verify(current, stored):
             self._throttle.failed(account)

@@ -176,3 +176,33 @@ def test_adopted_timestamps_are_rewritten_so_pagination_sees_every_row(tmp_path:
         updated = conn.exec_driver_sql("SELECT updated_at FROM conversations WHERE id='A'").scalar_one()
         assert updated == "2024-01-01T11:00:00.000000Z"
     engine.dispose()
+
+
+def test_adopted_non_object_metadata_is_wrapped_and_function_role_becomes_tool(tmp_path: Path) -> None:
+    path = tmp_path / "legacy.db"
+    with sqlite3.connect(path) as raw:
+        raw.executescript(ORIGINAL_DDL)
+        raw.execute(
+            "INSERT INTO conversations VALUES ('A', 'a', '2024-01-01 10:00:00', '2024-01-01 10:00:00')"
+        )
+        raw.executemany(
+            "INSERT INTO messages VALUES (?, 'A', ?, 'x', '2024-01-01 10:00:01', ?)",
+            [
+                ("m1", "user", "[1, 2]"),
+                ("m2", "function", "not json"),
+                ("m3", "assistant", '{"kept": true}'),
+                ("m4", "system", None),
+            ],
+        )
+    raw.close()
+    engine = create_engine(sqlite_url(path))
+    migrate(engine)
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT id, role, metadata FROM messages ORDER BY id").all()
+    engine.dispose()
+    assert [tuple(row) for row in rows] == [
+        ("m1", "user", '{"value":[1,2]}'),
+        ("m2", "tool", '{"text":"not json"}'),
+        ("m3", "assistant", '{"kept": true}'),
+        ("m4", "system", None),
+    ]
