@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
     if args.command == "serve":
         overrides = {name: value for name in ("host", "port") if (value := getattr(args, name)) is not None}
+        if "host" in overrides:
+            overrides["embedded_defaults"] = False  # choosing where to listen is deploying
         settings = settings.replace(**overrides)
         try:
             asyncio.run(serve(settings))

@@ -28,6 +28,7 @@ from crewdb.v1 import conversation_service_pb2_grpc, user_service_pb2, user_serv
 
 # Refresh this many seconds before the access token would expire.
 REFRESH_MARGIN_SECONDS = 30.0
+REFRESH_TIMEOUT = 10.0
 
 
 class _Tokens(NamedTuple):
@@ -119,11 +120,12 @@ class Client:
     def _refresh_locked(self, tokens: _Tokens) -> None:
         try:
             reply = self._auth.RefreshToken(
-                user_service_pb2.RefreshTokenRequest(refresh_token=tokens.refresh)
+                user_service_pb2.RefreshTokenRequest(refresh_token=tokens.refresh), timeout=REFRESH_TIMEOUT
             )
-        except grpc.RpcError:
-            self._tokens = None  # the session is over: sign in again
-            raise
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self._tokens = None  # the session is over: sign in again
+            raise  # anything else (the server briefly away): keep the session, try again later
         self._keep(reply.access_token, reply.refresh_token, reply.expires_in)
 
     def _keep(self, access: str, refresh: str, expires_in: int) -> None:

@@ -13,6 +13,9 @@ T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MIN_SECRET_BYTES = 32
+# Setting any of these means someone is deploying crewdb, not trying it on a laptop: then the
+# server must not make up its own JWT secret.
+EMBEDDED_UNLESS_SET = ("DATABASE_PATH", "CREWDB_HOST", "VECTOR_DB_PATH", "CHROMA_HOST")
 
 
 class ConfigError(ValueError):
@@ -69,7 +72,7 @@ class Settings:
                 "CREWDB_DB_READ_THREADS", int, default.db_read_threads, _between(1, 64)
             ),
             shutdown_grace=parser.get("CREWDB_SHUTDOWN_GRACE", float, default.shutdown_grace, _non_negative),
-            embedded_defaults=not env.get("DATABASE_PATH"),
+            embedded_defaults=not any(env.get(name) for name in EMBEDDED_UNLESS_SET),
             access_token_ttl=parser.get(
                 "CREWDB_ACCESS_TOKEN_TTL", int, default.access_token_ttl, _between(60, 24 * 3600)
             ),

@@ -147,6 +147,17 @@ def user_role_from_proto(number: int) -> UserRole | None:
     return _USER_ROLE_FROM_PROTO.get(number)
 
 
+def user_role_filter(number: int) -> UserRole | None:
+    """A role to filter by: None for unset.
+
+    Raises: InvalidArgumentError for a number that is no role.
+    """
+    role = _USER_ROLE_FROM_PROTO.get(number)
+    if role is None and number != users_pb.USER_ROLE_UNSPECIFIED:
+        raise InvalidArgumentError.of([FieldViolation("role", "unknown role: use USER, MODERATOR or ADMIN")])
+    return role
+
+
 def user(record: User) -> users_pb.User:
     result = users_pb.User(
         id=record.id,

@@ -23,7 +23,9 @@ class UserServicer(pb_grpc.UserServiceServicer):
         self._accounts = accounts
 
     async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.User:
-        created = await self._accounts.register(request.email, request.username, request.password)
+        created = await self._accounts.register(
+            request.email, request.username, request.password, address=peer_address(context)
+        )
         return convert.user(created)
 
     async def Login(self, request: pb.LoginRequest, context: Context) -> pb.LoginResponse:
@@ -44,7 +46,9 @@ class UserServicer(pb_grpc.UserServiceServicer):
         return empty_pb2.Empty()
 
     async def ChangePassword(self, request: pb.ChangePasswordRequest, context: Context) -> empty_pb2.Empty:
-        await self._accounts.change_password(caller(), request.current_password, request.new_password)
+        await self._accounts.change_password(
+            caller(), request.current_password, request.new_password, peer_address(context)
+        )
         return empty_pb2.Empty()
 
     async def ListSessions(
@@ -61,7 +65,7 @@ class UserServicer(pb_grpc.UserServiceServicer):
         page = await self._accounts.list_users(
             request.page_size,
             request.page_token,
-            role=convert.user_role_from_proto(request.role),
+            role=convert.user_role_filter(request.role),
             active=request.active if request.HasField("active") else None,
             query=request.query,
         )

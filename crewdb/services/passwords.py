@@ -171,6 +171,11 @@ class PasswordHasher:
         matches = await loop.run_in_executor(self._pool, _checkpw, candidate, target)
         return matches and hashed is not None
 
+    def needs_rehash(self, hashed: str | None) -> bool:
+        """True for a bcrypt hash made at another cost than the current one."""
+        parts = (hashed or "").split("$")
+        return len(parts) > 2 and parts[2].isdigit() and int(parts[2]) != self._rounds
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -26,7 +27,7 @@ from crewdb.errors import (
 from crewdb.models import Page, Principal, Session, TokenPair, User, UserRole, UserStats
 from crewdb.services.pagination import PageTokens, check_page_size, page_size
 from crewdb.services.passwords import PasswordHasher, check_password
-from crewdb.services.throttle import LoginThrottle
+from crewdb.services.throttle import LoginThrottle, RateLimit
 from crewdb.services.tokens import AccessTokens, hash_refresh_token, new_refresh_token
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 EMAIL_MAX_LENGTH = 254
 USERNAME = re.compile(r"[a-z0-9._-]{3,32}")
 USERS_PAGE = (50, 200)
+ID_MAX_LENGTH = 128
+REGISTRATIONS_PER_WINDOW = 30
+REGISTRATION_WINDOW_SECONDS = 600.0
 # How long a checked session (open, account active, role) is trusted before it is read
 # again: the bound on how late a revocation made elsewhere reaches access tokens.
 SESSION_CHECK_SECONDS = 1.0
@@ -89,6 +93,8 @@ class Accounts:
         self._refresh_ttl = timedelta(seconds=refresh_ttl)
         self._refresh_grace = refresh_grace
         self._throttle = throttle or LoginThrottle()
+        self._registrations = RateLimit(REGISTRATIONS_PER_WINDOW, REGISTRATION_WINDOW_SECONDS)
+        self._registering = asyncio.Semaphore(1)
         # (user id, session id) -> (role, or None when the session is over; checked at)
         self._sessions: dict[tuple[str, str], tuple[UserRole | None, float]] = {}
 
@@ -126,12 +132,39 @@ class Accounts:
     # --- public ----------------------------------------------------------------------------
 
     async def register(
-        self, email: str, username: str, password: str, *, role: UserRole = UserRole.USER
+        self,
+        email: str,
+        username: str,
+        password: str,
+        *,
+        role: UserRole = UserRole.USER,
+        address: str | None = None,
     ) -> User:
-        """Raises: InvalidArgumentError, AlreadyExistsError (EMAIL_TAKEN, USERNAME_TAKEN)."""
-        return await create_user(
-            self._db, self._hasher, self._clock, email=email, username=username, password=password, role=role
-        )
+        """Registrations through the API pass the client's `address`, which limits how many it may
+        make; they hash one at a time, so a flood of them cannot take every bcrypt thread from
+        sign-ins.
+
+        Raises: InvalidArgumentError, AlreadyExistsError (EMAIL_TAKEN, USERNAME_TAKEN),
+        ResourceExhaustedError (TOO_MANY_ATTEMPTS).
+        """
+        if address is not None:
+            wait = self._registrations.take(address)
+            if wait > 0:
+                raise ResourceExhaustedError(
+                    f"too many registrations from this address; try again in {wait:.0f} s",
+                    retry_after_seconds=wait,
+                    reason="TOO_MANY_ATTEMPTS",
+                )
+        async with self._registering:
+            return await create_user(
+                self._db,
+                self._hasher,
+                self._clock,
+                email=email,
+                username=username,
+                password=password,
+                role=role,
+            )
 
     async def login(self, identifier: str, password: str, address: str) -> TokenPair:
         """Starts a session.
@@ -149,16 +182,17 @@ class Accounts:
             raise InvalidArgumentError.of(violations)
         found = self._db.read_now(lambda conn: store.find_for_login(conn, identifier))
         user, hashed = found if found is not None else (None, None)
-        # Keyed by the account when there is one, so its email and username share one count.
-        account = f"account:{user.id}" if user is not None else f"account:{identifier}"
-        keys = (account, f"address:{address}")
-        self._refuse_if_throttled(*keys)
+        # Counted by the account when there is one, so its email and username share a count.
+        account = user.id if user is not None else f"name:{identifier}"
+        self._begin_attempt(account, address)
         # Unknown account, wrong password, deactivated account: one answer, one cost.
         matches = await self._hasher.verify(password, hashed)
         if user is None or not matches or not user.active:
-            self._throttle.failed(*keys)
             raise _invalid_credentials()
-        self._throttle.succeeded(keys[0])
+        self._throttle.succeeded(account, address)
+        # Hashes made at another cost are redone now, while the password is at hand: a
+        # stored cost that differs from the decoy's would tell accounts apart by timing.
+        rehashed = await self._hasher.hash(password) if self._hasher.needs_rehash(hashed) else None
         family_id = str(uuid.uuid4())
         refresh_token = new_refresh_token()
 
@@ -174,6 +208,8 @@ class Accounts:
                 now=now,
             )
             store.record_login(conn, user.id, now)
+            if rehashed is not None:
+                store.set_password(conn, user.id, rehashed, now)
             return store.get_user(conn, user.id) or user
 
         signed_in = await self._db.write(work)
@@ -236,9 +272,10 @@ class Accounts:
             "invalid, expired or already used refresh token", reason="INVALID_REFRESH_TOKEN"
         )
 
-    def _refuse_if_throttled(self, *keys: str) -> None:
-        """Raises ResourceExhaustedError (TOO_MANY_ATTEMPTS) while any key is in a delay."""
-        wait = self._throttle.retry_after(*keys)
+    def _begin_attempt(self, account: str, address: str) -> None:
+        """Counts a password check about to be made, or raises ResourceExhaustedError
+        (TOO_MANY_ATTEMPTS) while this client must wait."""
+        wait = self._throttle.begin(account, address)
         if wait > 0:
             raise ResourceExhaustedError(
                 f"too many failed attempts; try again in {wait:.0f} s",
@@ -285,7 +322,7 @@ class Accounts:
         if not ended and not all_sessions:
             raise NotFoundError("no such session of yours", reason="SESSION_NOT_FOUND")
 
-    async def change_password(self, caller: Principal, current: str, new: str) -> None:
+    async def change_password(self, caller: Principal, current: str, new: str, address: str) -> None:
         """Sets a new password and ends the caller's other sessions.
 
         Raises: InvalidArgumentError, UnauthenticatedError (INVALID_CREDENTIALS).
@@ -300,13 +337,11 @@ class Accounts:
         if violations:
             raise InvalidArgumentError.of(violations)
         # Guessing the current password with a stolen access token is throttled like sign-in.
-        account = f"account:{caller.user_id}"
-        self._refuse_if_throttled(account)
+        self._begin_attempt(caller.user_id, address)
         stored = self._db.read_now(lambda conn: store.password_hash(conn, caller.user_id))
         if not await self._hasher.verify(current, stored):
-            self._throttle.failed(account)
             raise _invalid_credentials()
-        self._throttle.succeeded(account)
+        self._throttle.succeeded(caller.user_id, address)
         hashed = await self._hasher.hash(new)
 
         def work(conn: Connection) -> None:
@@ -325,8 +360,7 @@ class Accounts:
 
     async def revoke_session(self, caller: Principal, session_id: str) -> None:
         """Raises: InvalidArgumentError, NotFoundError (SESSION_NOT_FOUND)."""
-        if not session_id:
-            raise InvalidArgumentError.of([FieldViolation("id", "required")])
+        _raise_if(_id_violations("id", session_id))
         ended = await self._db.write(
             lambda conn: store.revoke_sessions(conn, caller.user_id, self._clock.now(), family_id=session_id)
         )
@@ -362,8 +396,7 @@ class Accounts:
 
     async def get_user(self, user_id: str) -> User:
         """Raises: InvalidArgumentError, NotFoundError (USER_NOT_FOUND)."""
-        if not user_id:
-            raise InvalidArgumentError.of([FieldViolation("user_id", "required")])
+        _raise_if(_id_violations("user_id", user_id))
         found = self._db.read_now(lambda conn: store.get_user(conn, user_id))
         if found is None:
             raise _user_not_found(user_id)
@@ -371,7 +404,7 @@ class Accounts:
 
     async def set_role(self, user_id: str, role: UserRole | None) -> User:
         """Raises: InvalidArgumentError, NotFoundError, FailedPreconditionError (LAST_ADMIN)."""
-        violations = [] if user_id else [FieldViolation("user_id", "required")]
+        violations = _id_violations("user_id", user_id)
         if role is None:
             violations.append(FieldViolation("role", "required: user, moderator or admin"))
         if violations or role is None:
@@ -396,8 +429,7 @@ class Accounts:
 
         Raises: InvalidArgumentError, NotFoundError, FailedPreconditionError (LAST_ADMIN).
         """
-        if not user_id:
-            raise InvalidArgumentError.of([FieldViolation("user_id", "required")])
+        _raise_if(_id_violations("user_id", user_id))
 
         def work(conn: Connection) -> User | None:
             current = store.get_user(conn, user_id)
@@ -465,6 +497,19 @@ async def create_user(
             now=clock.now(),
         )
     )
+
+
+def _id_violations(field: str, value: str) -> list[FieldViolation]:
+    if not value:
+        return [FieldViolation(field, "required")]
+    if len(value) > ID_MAX_LENGTH:
+        return [FieldViolation(field, f"at most {ID_MAX_LENGTH} characters")]
+    return []
+
+
+def _raise_if(violations: list[FieldViolation]) -> None:
+    if violations:
+        raise InvalidArgumentError.of(violations)
 
 
 def _keep_an_admin(conn: Connection) -> None:

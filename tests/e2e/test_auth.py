@@ -27,6 +27,7 @@ from crewdb.client import Client
 from crewdb.config import Settings
 from crewdb.errors import CrewdbError
 from crewdb.models import UserRole
+from crewdb.services.throttle import ACCOUNT_FREE_FAILURES, ADDRESS_FREE_FAILURES, PAIR_FREE_FAILURES
 from crewdb.v1 import conversation_service_pb2 as cpb
 from crewdb.v1 import user_service_pb2 as pb
 from crewdb.v1.conversation_service_pb2_grpc import ConversationServiceStub
@@ -598,10 +599,18 @@ def test_repeated_failures_throttle_an_account_even_for_the_right_password(users
     throttled(users, "ALICE@example.com", PASSWORD)  # the address is throttled as well
 
 
-@pytest.mark.parametrize("failing", ["on the account", "on other accounts from the same address"])
-def test_the_attempt_after_five_failures_is_throttled(users: UserServiceStub, failing: str) -> None:
+@pytest.mark.parametrize(
+    ("failing", "free"),
+    [
+        ("on the account", PAIR_FREE_FAILURES),
+        ("on other accounts from the same address", ADDRESS_FREE_FAILURES),
+    ],
+)
+def test_the_attempt_after_the_free_failures_is_throttled(
+    users: UserServiceStub, failing: str, free: int
+) -> None:
     register(users, "alice")
-    for n in range(5):
+    for n in range(free):
         name = "alice" if failing == "on the account" else f"guess{n}"
         assert_invalid_credentials(users, name, WRONG_PASSWORD)
     assert throttled(users, "alice", PASSWORD) > 0
@@ -613,8 +622,8 @@ def test_an_address_is_throttled_across_accounts(users: UserServiceStub) -> None
     for n in range(4):
         assert_invalid_credentials(users, f"guess{n}", WRONG_PASSWORD)
     login(users, "bob")  # four failures from this address are not throttled yet
-    free = 4 + fail_until_throttled(users, lambda n: f"another-guess{n}")
-    assert free == 5
+    free = 4 + fail_until_throttled(users, lambda n: f"another-guess{n}", limit=ADDRESS_FREE_FAILURES + 2)
+    assert free == ADDRESS_FREE_FAILURES
     assert throttled(users, "carol", PASSWORD) > 0  # never failed itself: the address is throttled
 
 
@@ -633,22 +642,21 @@ def test_throttling_delays_grow_and_then_let_the_owner_in(users: UserServiceStub
 def test_failures_by_email_and_by_username_count_for_the_same_account(server: RunningServer) -> None:
     """Failures alternating between the account's username and email, each from a new address
     (called on the server's Accounts directly, since every test client shares 127.0.0.1), are
-    throttled as failures of one account."""
+    counted for one account: past its free failures, any address that already failed against it
+    waits, whichever name it uses, while an address that never failed still gets in."""
     create_account(server, "alice")
     accounts = server.app.accounts
-    failures = 0
-    for n in range(12):
+    for n in range(ACCOUNT_FREE_FAILURES):
         name = "alice" if n % 2 else "alice@example.com"
         with pytest.raises(CrewdbError) as caught:
             server.call(accounts.login(name, WRONG_PASSWORD, f"ipv4:10.0.0.{n + 1}"))
-        if caught.value.reason == "TOO_MANY_ATTEMPTS":
-            break
         assert caught.value.reason == "INVALID_CREDENTIALS"
-        failures += 1
-    assert failures <= 6, "username and email were throttled as two accounts"
-    with pytest.raises(CrewdbError) as caught:
-        server.call(accounts.login("alice", PASSWORD, "ipv4:10.0.1.1"))
-    assert caught.value.reason == "TOO_MANY_ATTEMPTS"
+    for name in ("alice", "alice@example.com"):
+        with pytest.raises(CrewdbError) as caught:
+            server.call(accounts.login(name, PASSWORD, "ipv4:10.0.0.1"))
+        assert caught.value.reason == "TOO_MANY_ATTEMPTS"
+    signed_in = server.call(accounts.login("alice", PASSWORD, "ipv4:10.0.1.1"))
+    assert signed_in.user.username == "alice"
 
 
 # --- refresh ---------------------------------------------------------------------------------

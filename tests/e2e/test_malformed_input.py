@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import math
 
 import grpc
 import pytest
 from google.protobuf import struct_pb2
 
+from crewdb.models import UserRole
 from crewdb.v1 import conversation_service_pb2 as pb
+from crewdb.v1 import user_service_pb2 as upb
 from crewdb.v1.conversation_service_pb2_grpc import ConversationServiceStub
-from tests.conftest import RunningServer
+from crewdb.v1.user_service_pb2_grpc import UserServiceStub
+from tests.conftest import RunningServer, sign_in
 from tests.rpc_errors import failure
 
 SERVICE = "/crewdb.v1.ConversationService"
@@ -105,3 +109,27 @@ def test_pages_of_messages_with_large_metadata_fit_a_default_client(
         if not token:
             break
     assert seen == 300
+
+
+def test_a_token_with_a_header_nested_past_the_recursion_limit_is_unauthenticated(
+    server: RunningServer,
+) -> None:
+    header = base64.urlsafe_b64encode(b"[" * 3000).rstrip(b"=").decode()
+    token = f"{header}.e30.c2ln"
+    users = UserServiceStub(grpc.insecure_channel(server.address))
+    with pytest.raises(grpc.RpcError) as caught:
+        users.GetMe(upb.GetMeRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=5)
+    assert failure(caught.value).code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_admin_calls_with_overlong_ids_or_unknown_roles_are_invalid_argument(server: RunningServer) -> None:
+    with sign_in(server, "root", UserRole.ADMIN) as admin:
+        for call in (
+            lambda: admin.users.GetUser(upb.GetUserRequest(user_id="u" * 100_000), timeout=5),
+            lambda: admin.users.SetUserActive(upb.SetUserActiveRequest(user_id="u" * 129), timeout=5),
+            lambda: admin.users.RevokeSession(upb.RevokeSessionRequest(id="s" * 129), timeout=5),
+            lambda: admin.users.ListUsers(upb.ListUsersRequest(role=99), timeout=5),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert failure(caught.value).code == grpc.StatusCode.INVALID_ARGUMENT

@@ -228,3 +228,26 @@ def test_embedded_defaults_generate_a_private_secret_once_and_keep_it(tmp_path: 
     assert secret_file.stat().st_mode & 0o777 == 0o600
     assert len(first) >= 32
     assert jwt_secret(settings) == first
+
+
+def test_a_password_hashed_at_an_older_cost_is_rehashed_at_sign_in(settings: Settings) -> None:
+    running, stop = start_server(settings)
+    try:
+        sign_in(running, "alice").close()
+    finally:
+        stop()
+
+    def cost() -> str:
+        with sqlite3.connect(settings.database_path) as raw:
+            stored = raw.execute("SELECT password_hash FROM users WHERE username='alice'").fetchone()[0]
+        raw.close()
+        return str(stored).split("$")[2]
+
+    assert cost() == "10"
+    running, stop = start_server(settings.replace(bcrypt_rounds=11))
+    try:
+        with Client(running.address) as alice:
+            alice.login("alice", PASSWORD)
+    finally:
+        stop()
+    assert cost() == "11"

@@ -63,3 +63,10 @@ def test_chroma_port_without_host_is_refused() -> None:
 def test_secret_never_appears_in_repr() -> None:
     settings = Settings.from_env({"JWT_SECRET": "s3cr3t-value-that-must-not-leak-anywhere"})
     assert "s3cr3t" not in repr(settings)
+
+
+def test_only_an_unconfigured_server_may_make_up_its_own_secret() -> None:
+    assert Settings.from_env({}).embedded_defaults
+    assert Settings.from_env({"CREWDB_PORT": "6000"}).embedded_defaults
+    for name, value in [("DATABASE_PATH", "/srv/app.db"), ("CREWDB_HOST", "0.0.0.0")]:  # noqa: S104
+        assert not Settings.from_env({name: value}).embedded_defaults
