@@ -129,7 +129,8 @@ async def build_server(settings: Settings) -> App:
     """Migrates the database, wires every service, binds the port and starts serving.
 
     Raises:
-        StartupError: the port cannot be bound or the database cannot be migrated.
+        StartupError: the port cannot be bound, the database cannot be migrated, or there is no
+            usable JWT secret.
     """
     try:
         engine, _, _ = await asyncio.to_thread(

@@ -89,6 +89,12 @@ def message_position(message: Message) -> Position:
 # Another user's conversation then looks exactly like a missing one.
 _OWNED = or_(bindparam("p_owner").is_(None), conversations.c.owner_id == bindparam("p_owner"))
 
+# `updated_at` never goes backwards, even when the clock does (a restart with a clock behind
+# the stored times): then it keeps its value, and a new message is stamped just after it.
+_LATER_OF_NOW = case(
+    (conversations.c.updated_at < bindparam("p_now"), bindparam("p_now")), else_=conversations.c.updated_at
+)
+
 # The statements behind the hot paths, built once: constructing a statement costs more than
 # SQLite takes to run it. Parameters are bound per call; `p_` names keep them apart from
 # column names in INSERT/UPDATE.
@@ -107,14 +113,18 @@ _AFTER_CONVERSATION = tuple_(conversations.c.updated_at, conversations.c.id) < t
 _UPDATE_TITLE = (
     update(conversations)
     .where(conversations.c.id == bindparam("p_id"), _OWNED)
-    .values(title=bindparam("p_title"), updated_at=bindparam("p_now"))
+    .values(title=bindparam("p_title"), updated_at=_LATER_OF_NOW)
     .returning(*_CONVERSATION_COLUMNS)
 )
 _DELETE_CONVERSATION = delete(conversations).where(conversations.c.id == bindparam("p_id"), _OWNED)
 _BUMP_CONVERSATION = (
     update(conversations)
     .where(conversations.c.id == bindparam("p_id"), _OWNED)
-    .values(updated_at=bindparam("p_now"), message_count=conversations.c.message_count + 1)
+    .values(updated_at=_LATER_OF_NOW, message_count=conversations.c.message_count + 1)
+    .returning(conversations.c.updated_at)
+)
+_SET_UPDATED_AT = (
+    update(conversations).where(conversations.c.id == bindparam("p_id")).values(updated_at=bindparam("p_now"))
 )
 _INSERT_MESSAGE = insert(messages)
 _CONVERSATION_MESSAGES = (
@@ -123,12 +133,6 @@ _CONVERSATION_MESSAGES = (
     .order_by(messages.c.timestamp, messages.c.id)
 )
 _LIST_MESSAGES = _CONVERSATION_MESSAGES.limit(bindparam("p_limit"))
-_LAST_MESSAGE_TIME = (
-    select(messages.c.timestamp)
-    .where(messages.c.conversation_id == bindparam("p_conversation_id"))
-    .order_by(messages.c.timestamp.desc())
-    .limit(1)
-)
 _ONE_MICROSECOND = timedelta(microseconds=1)
 _LIST_MESSAGES_AFTER = _LIST_MESSAGES.where(
     tuple_(messages.c.timestamp, messages.c.id) > tuple_(bindparam("p_timestamp"), bindparam("p_id"))
@@ -200,17 +204,20 @@ def insert_message(
 ) -> Message | None:
     """Appends a message and bumps the conversation; None when the conversation is missing.
 
-    The message's timestamp is `now`, or just after the conversation's last message when that
-    is later (a restart with a clock that stepped back), so that order by (timestamp, id)
-    stays the order messages were added in, which pagination and watchers rely on.
+    The message's timestamp is `now`, or just after the conversation's `updated_at` when that
+    is later (a restart with a clock that stepped back; `updated_at` is never before the last
+    message), so that order by (timestamp, id) stays the order messages were added in, which
+    pagination and watchers rely on.
     """
-    last = conn.execute(_LAST_MESSAGE_TIME, {"p_conversation_id": conversation_id}).scalar()
-    if last is not None and parse_timestamp(last) >= now:
-        now = parse_timestamp(last) + _ONE_MICROSECOND
     stamp = format_timestamp(now)
-    bumped = conn.execute(_BUMP_CONVERSATION, {"p_id": conversation_id, "p_now": stamp, "p_owner": owner})
-    if bumped.rowcount == 0:
+    params = {"p_id": conversation_id, "p_now": stamp, "p_owner": owner}
+    updated_at = conn.execute(_BUMP_CONVERSATION, params).scalar()
+    if updated_at is None:
         return None
+    if updated_at != stamp:  # the clock is behind what is stored
+        now = parse_timestamp(updated_at) + _ONE_MICROSECOND
+        stamp = format_timestamp(now)
+        conn.execute(_SET_UPDATED_AT, {"p_id": conversation_id, "p_now": stamp})
     metadata_json = (
         json.dumps(metadata, ensure_ascii=False, separators=(",", ":")) if metadata is not None else None
     )

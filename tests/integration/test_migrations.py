@@ -163,6 +163,7 @@ def test_adopted_timestamps_are_rewritten_so_pagination_sees_every_row(tmp_path:
                 ("m3", "2024-01-01 10:00:03"),
             ],
         )
+        raw.execute("INSERT INTO messages VALUES ('m4', 'B', 'user', 'late', '2024-01-01 10:45:00', NULL)")
     raw.close()
     engine = create_engine(sqlite_url(path))
     migrate(engine)
@@ -172,9 +173,13 @@ def test_adopted_timestamps_are_rewritten_so_pagination_sees_every_row(tmp_path:
             "2024-01-01T10:00:01.000000Z",
             "2024-01-01T10:00:02.000000Z",
             "2024-01-01T10:00:03.000000Z",
+            "2024-01-01T10:45:00.000000Z",
         ]
         updated = conn.exec_driver_sql("SELECT updated_at FROM conversations WHERE id='A'").scalar_one()
         assert updated == "2024-01-01T11:00:00.000000Z"
+        # B was last updated before its message: brought up to the message's time.
+        updated = conn.exec_driver_sql("SELECT updated_at FROM conversations WHERE id='B'").scalar_one()
+        assert updated == "2024-01-01T10:45:00.000000Z"
     engine.dispose()
 
 

@@ -2,7 +2,9 @@
 
 Databases adopted from the original application hold other ISO-8601 forms (`...00.000Z`,
 naive `YYYY-MM-DD HH:MM:SS`). Keyset pagination compares timestamps as text, which only
-orders correctly when every value has the same form.
+orders correctly when every value has the same form. Also makes every conversation's
+`updated_at` at least the time of its last message, which AddMessage relies on to keep
+message order when the clock steps back.
 
 Revision ID: 0003
 Revises: 0002
@@ -51,6 +53,14 @@ def upgrade() -> None:
             changes = {c: v for c, v in changes.items() if v != row[columns.index(c) + 1]}
             if changes:
                 conn.execute(table.update().where(table.c.id == row.id).values(**changes))
+    conversations = sa.table("conversations", sa.column("id"), sa.column("updated_at"))
+    messages = sa.table("messages", sa.column("conversation_id"), sa.column("timestamp"))
+    latest = (
+        sa.select(sa.func.max(messages.c.timestamp))
+        .where(messages.c.conversation_id == conversations.c.id)
+        .scalar_subquery()
+    )
+    conn.execute(conversations.update().where(latest > conversations.c.updated_at).values(updated_at=latest))
 
 
 def downgrade() -> None:
