@@ -57,8 +57,11 @@ TITLE_MATCH_SCORE = 1_000_000_000
 # Messages a watcher reads from the database at a time while catching up (at most about
 # 100 x 100,000 characters held per watcher).
 WATCH_BATCH = 100
-# Reads of at most this many rows run on the event loop (see ConversationService._read).
-INLINE_READ_ROWS = 201
+# Reads of at most this many rows run on the event loop (see ConversationService._read):
+# conversations are small rows; a message may hold 100,000 characters, so a page of at most
+# 50 (a few MB at worst, a few ms to decode) is the most read on the loop.
+INLINE_CONVERSATION_ROWS = 201
+INLINE_MESSAGE_ROWS = 51
 # A ListMessages page ends early rather than carry more than about this many bytes, which
 # keeps it under gRPC's default 4 MiB receive limit.
 MESSAGES_PAGE_MAX_BYTES = 3 * 1024 * 1024
@@ -109,7 +112,9 @@ class ConversationService:
         scope = f"conversations:{owner or '*'}"
         after = _position(self._tokens.decode(scope, token)) if token else None
         rows = await self._read(
-            limit, lambda conn: store.list_conversations(conn, after, limit + 1, owner=owner)
+            limit + 1,
+            INLINE_CONVERSATION_ROWS,
+            lambda conn: store.list_conversations(conn, after, limit + 1, owner=owner),
         )
         return self._page(rows, limit, scope, store.conversation_position)
 
@@ -201,7 +206,7 @@ class ConversationService:
                 return None
             return store.list_messages(conn, conversation_id, after, limit + 1)
 
-        rows = await self._read(limit, work)
+        rows = await self._read(limit + 1, INLINE_MESSAGE_ROWS, work)
         if rows is None:
             raise conversation_not_found(conversation_id)
         # A page of long messages ends early, so that it fits a client's default 4 MiB limit.
@@ -380,10 +385,10 @@ class ConversationService:
         finally:
             self._events.unsubscribe(subscription)
 
-    async def _read(self, rows: int, work: Callable[[Connection], T]) -> T:
+    async def _read(self, rows: int, most_inline: int, work: Callable[[Connection], T]) -> T:
         """Small reads run on the event loop (cheaper than a thread hop), larger ones on a
         reader thread so that they cannot stall other calls."""
-        if rows <= INLINE_READ_ROWS:
+        if rows <= most_inline:
             return self._db.read_now(work)
         return await self._db.read(work)
 
