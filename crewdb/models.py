@@ -91,6 +91,7 @@ class UserRole(StrEnum):
     USER = "user"
     MODERATOR = "moderator"
     ADMIN = "admin"
+    WORKER = "worker"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,10 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role is UserRole.ADMIN
+
+    @property
+    def runs_tasks(self) -> bool:
+        return self.role in (UserRole.WORKER, UserRole.ADMIN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,3 +150,48 @@ class UserStats:
     active_users: int
     users_by_role: dict[str, int]
     signups_last_7_days: int
+
+
+class TaskStatus(StrEnum):
+    """Where a task is in its life; the value is what the database stores."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    id: str
+    type: str
+    status: TaskStatus
+    priority: int
+    data: JsonObject
+    result: JsonObject | None
+    error: str | None
+    metadata: JsonObject | None
+    owner_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    duration_ms: int | None
+    attempts: int
+    max_attempts: int
+    run_after: datetime | None
+    worker_id: str | None
+    lease_expires_at: datetime | None
+    progress: float
+    cancel_requested: bool
+    dedup_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    counts: dict[TaskStatus, int]
+    oldest_queued_age_seconds: float

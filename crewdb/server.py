@@ -18,6 +18,7 @@ from crewdb.api import reflection
 from crewdb.api.conversations import ConversationServicer
 from crewdb.api.health import HealthReporter
 from crewdb.api.middleware import mount
+from crewdb.api.tasks import TaskServicer
 from crewdb.api.users import UserServicer
 from crewdb.clock import Clock
 from crewdb.config import MIN_SECRET_BYTES, Settings
@@ -28,15 +29,17 @@ from crewdb.services.conversations import ConversationService
 from crewdb.services.events import MessageEvents
 from crewdb.services.pagination import PageTokens
 from crewdb.services.passwords import PasswordHasher
+from crewdb.services.tasks import TaskEvents, TaskService
 from crewdb.services.tokens import AccessTokens
 from crewdb.services.users import Accounts
-from crewdb.v1 import conversation_service_pb2, user_service_pb2
+from crewdb.v1 import conversation_service_pb2, task_service_pb2, user_service_pb2
 
 log = logging.getLogger(__name__)
 
 CONVERSATION_DESCRIPTOR = conversation_service_pb2.DESCRIPTOR.services_by_name["ConversationService"]
 CONVERSATION_SERVICE = CONVERSATION_DESCRIPTOR.full_name
 USER_DESCRIPTOR = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
+TASK_DESCRIPTOR = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"]
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _SERVER_OPTIONS = [
@@ -67,10 +70,14 @@ class App:
     events: MessageEvents
     hasher: PasswordHasher
     accounts: Accounts
+    background: list[asyncio.Task[None]]
 
     async def stop(self, grace: float | None) -> None:
         """Reports NOT_SERVING, ends watchers, lets in-flight calls finish, closes the database."""
         await self.health.shutdown()
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         self.events.close()
         await self.server.stop(grace)
         self.hasher.close()
@@ -158,11 +165,13 @@ async def build_server(settings: Settings) -> App:
         refresh_grace=settings.refresh_grace,
     )
     conversations = ConversationService(db, events, page_tokens, clock)
+    tasks = TaskService(db, TaskEvents(), page_tokens, clock)
 
     server = aio.server(options=_SERVER_OPTIONS)
     mount(server, UserServicer(accounts), USER_DESCRIPTOR, accounts.authenticate)
     mount(server, ConversationServicer(conversations), CONVERSATION_DESCRIPTOR, accounts.authenticate)
-    services = [USER_DESCRIPTOR.full_name, CONVERSATION_SERVICE]
+    mount(server, TaskServicer(tasks), TASK_DESCRIPTOR, accounts.authenticate)
+    services = [USER_DESCRIPTOR.full_name, CONVERSATION_SERVICE, TASK_DESCRIPTOR.full_name]
     reporter = HealthReporter(server, db.ping, services, settings.health_check_interval)
     reflection.enable(server, [*services, health.SERVICE_NAME])
 
@@ -183,9 +192,17 @@ async def build_server(settings: Settings) -> App:
         ) from cause
     await server.start()
     await reporter.start()
+    background = [asyncio.create_task(tasks.sweep(), name="crewdb-lease-sweep")]
     log.info("crewdb serving on %s (database %s)", _address(settings.host, port), settings.database_path)
     return App(
-        server=server, port=port, db=db, health=reporter, events=events, hasher=hasher, accounts=accounts
+        server=server,
+        port=port,
+        db=db,
+        health=reporter,
+        events=events,
+        hasher=hasher,
+        accounts=accounts,
+        background=background,
     )
 
 

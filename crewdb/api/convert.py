@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,13 +17,17 @@ from crewdb.models import (
     JsonObject,
     Message,
     MessageRole,
+    QueueStats,
     SearchHit,
     Session,
+    Task,
+    TaskStatus,
     User,
     UserRole,
     UserStats,
 )
 from crewdb.v1 import conversation_service_pb2 as pb
+from crewdb.v1 import task_service_pb2 as tasks_pb
 from crewdb.v1 import user_service_pb2 as users_pb
 
 _ROLE_TO_PROTO = {
@@ -58,13 +63,13 @@ def export_format_from_proto(number: int) -> ExportFormat | None:
     return _EXPORT_FORMATS.get(number)
 
 
-def struct_to_dict(struct: struct_pb2.Struct) -> JsonObject:
+def struct_to_dict(struct: struct_pb2.Struct, field: str = "metadata") -> JsonObject:
     """A Struct as plain JSON; whole numbers come back as ints (Struct only has doubles)."""
     try:
         as_dict = json_format.MessageToDict(struct)
     except ValueError:  # NaN and infinities have no JSON form
         raise InvalidArgumentError.of(
-            [FieldViolation("metadata", "numbers must be finite (no NaN or Infinity)")]
+            [FieldViolation(field, "numbers must be finite (no NaN or Infinity)")]
         ) from None
     return _whole_numbers(as_dict)  # type: ignore[no-any-return]
 
@@ -138,6 +143,7 @@ _USER_ROLE_TO_PROTO = {
     UserRole.USER: users_pb.USER_ROLE_USER,
     UserRole.MODERATOR: users_pb.USER_ROLE_MODERATOR,
     UserRole.ADMIN: users_pb.USER_ROLE_ADMIN,
+    UserRole.WORKER: users_pb.USER_ROLE_WORKER,
 }
 _USER_ROLE_FROM_PROTO: dict[int, UserRole] = {n: role for role, n in _USER_ROLE_TO_PROTO.items()}
 
@@ -154,7 +160,9 @@ def user_role_filter(number: int) -> UserRole | None:
     """
     role = _USER_ROLE_FROM_PROTO.get(number)
     if role is None and number != users_pb.USER_ROLE_UNSPECIFIED:
-        raise InvalidArgumentError.of([FieldViolation("role", "unknown role: use USER, MODERATOR or ADMIN")])
+        raise InvalidArgumentError.of(
+            [FieldViolation("role", "unknown role: use USER, MODERATOR, ADMIN or WORKER")]
+        )
     return role
 
 
@@ -189,4 +197,77 @@ def user_stats(record: UserStats) -> users_pb.UserStats:
         active_users=record.active_users,
         users_by_role=record.users_by_role,
         signups_last_7_days=record.signups_last_7_days,
+    )
+
+
+_TASK_STATUS_TO_PROTO = {
+    TaskStatus.QUEUED: tasks_pb.TASK_STATUS_QUEUED,
+    TaskStatus.RUNNING: tasks_pb.TASK_STATUS_RUNNING,
+    TaskStatus.COMPLETED: tasks_pb.TASK_STATUS_COMPLETED,
+    TaskStatus.FAILED: tasks_pb.TASK_STATUS_FAILED,
+    TaskStatus.CANCELLED: tasks_pb.TASK_STATUS_CANCELLED,
+}
+_TASK_STATUS_FROM_PROTO: dict[int, TaskStatus] = {n: status for status, n in _TASK_STATUS_TO_PROTO.items()}
+
+
+def task_status_filter(number: int, field: str = "status") -> TaskStatus | None:
+    """None for unset. Raises: InvalidArgumentError for a number that is no status."""
+    status = _TASK_STATUS_FROM_PROTO.get(number)
+    if status is None and number != tasks_pb.TASK_STATUS_UNSPECIFIED:
+        raise InvalidArgumentError.of([FieldViolation(field, "unknown task status")])
+    return status
+
+
+def task_statuses(numbers: Iterable[int], field: str = "statuses") -> list[TaskStatus]:
+    """Raises: InvalidArgumentError for an unset or unknown status."""
+    statuses = [_TASK_STATUS_FROM_PROTO.get(number) for number in numbers]
+    if any(status is None for status in statuses):
+        raise InvalidArgumentError.of([FieldViolation(field, "each a known task status")])
+    return [status for status in statuses if status is not None]
+
+
+def optional_struct(message: Any, name: str) -> JsonObject | None:
+    """The Struct field `name` of `message` as JSON, or None when unset."""
+    return struct_to_dict(getattr(message, name), name) if message.HasField(name) else None
+
+
+def task(record: Task) -> tasks_pb.Task:
+    result = tasks_pb.Task(
+        id=record.id,
+        type=record.type,
+        status=_TASK_STATUS_TO_PROTO[record.status],
+        priority=record.priority,
+        error=record.error or "",
+        owner_id=record.owner_id or "",
+        created_at=timestamp(record.created_at),
+        duration_ms=record.duration_ms or 0,
+        attempts=record.attempts,
+        max_attempts=record.max_attempts,
+        worker_id=record.worker_id or "",
+        progress=record.progress,
+        cancel_requested=record.cancel_requested,
+        dedup_key=record.dedup_key or "",
+    )
+    result.data.SetInParent()
+    result.data.update(record.data)
+    for name in ("result", "metadata"):
+        value = getattr(record, name)
+        if value is not None:
+            getattr(result, name).SetInParent()
+            getattr(result, name).update(value)
+    for name in ("started_at", "completed_at", "run_after", "lease_expires_at"):
+        moment = getattr(record, name)
+        if moment is not None:
+            getattr(result, name).CopyFrom(timestamp(moment))
+    return result
+
+
+def queue_stats(record: QueueStats) -> tasks_pb.QueueStats:
+    return tasks_pb.QueueStats(
+        queued=record.counts[TaskStatus.QUEUED],
+        running=record.counts[TaskStatus.RUNNING],
+        completed=record.counts[TaskStatus.COMPLETED],
+        failed=record.counts[TaskStatus.FAILED],
+        cancelled=record.counts[TaskStatus.CANCELLED],
+        oldest_queued_age_seconds=record.oldest_queued_age_seconds,
     )

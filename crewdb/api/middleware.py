@@ -125,10 +125,19 @@ def _access_check(access: int, authenticate: Authenticate) -> Check:
         _caller.set(principal)
         return principal
 
+    def worker(context: aio.ServicerContext[Any, Any]) -> Principal:
+        principal = authenticate(_bearer_token(context))
+        if not principal.runs_tasks:
+            raise PermissionDeniedError("this needs the worker or admin role")
+        _caller.set(principal)
+        return principal
+
     if access == options_pb2.ACCESS_PUBLIC:
         return public
     if access == options_pb2.ACCESS_ADMIN:
         return admin
+    if access == options_pb2.ACCESS_WORKER:
+        return worker
     return signed_in
 
 

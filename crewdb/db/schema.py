@@ -6,6 +6,10 @@ The five tables of the original design keep their columns and indexes. crewdb's 
   - idx_conversations_updated (updated_at, id): keyset pagination of ListConversations;
   - idx_messages_conversation_timestamp (conversation_id, timestamp, id): ListMessages and
     WatchMessages read a conversation's messages in order straight from this index.
+And by migration 0006 (task queue): tasks.owner_id, attempts, max_attempts, run_after,
+lease_expires_at, worker_id, progress, cancel_requested, dedup_key, updated_at, with
+idx_tasks_ready (claim order), idx_tasks_owner_created (a user's listing) and
+uq_tasks_owner_dedup (de-duplication keys, per owner).
 And by migration 0004 (accounts):
   - conversations.owner_id -> users.id, with idx_conversations_owner_updated for the per-owner
     listing; NULL for conversations stored before accounts existed;
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     Column,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -110,6 +115,20 @@ tasks = Table(
     Column("completed_at", Text),
     Column("duration", Integer),
     Column("metadata", Text),
+    Column("owner_id", Text, ForeignKey("users.id", ondelete="CASCADE")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("max_attempts", Integer, nullable=False, server_default=text("3")),
+    Column("run_after", Text),
+    Column("lease_expires_at", Text),
+    Column("worker_id", Text),
+    Column("progress", Float, nullable=False, server_default=text("0")),
+    Column("cancel_requested", Integer, nullable=False, server_default=text("0")),
+    Column("dedup_key", Text),
+    Column("updated_at", Text),
     Index("idx_tasks_status", "status"),
     Index("idx_tasks_created", "created_at"),
+    # In claim order (priority high to low, then oldest first), so a claim reads one entry.
+    Index("idx_tasks_ready", "status", text("priority DESC"), "created_at", "id"),
+    Index("idx_tasks_owner_created", "owner_id", "created_at", "id"),
+    Index("uq_tasks_owner_dedup", "owner_id", "dedup_key", unique=True),
 )

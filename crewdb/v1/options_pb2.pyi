@@ -32,6 +32,8 @@ class _AccessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Access.ValueTy
     """A valid access token of an active account (any role)."""
     ACCESS_ADMIN: _Access.ValueType  # 3
     """A valid access token of an active admin."""
+    ACCESS_WORKER: _Access.ValueType  # 4
+    """A valid access token of an active worker (USER_ROLE_WORKER) or admin."""
 
 class Access(_Access, metaclass=_AccessEnumTypeWrapper):
     """Who may call an RPC. The server's auth middleware reads this option from each method's
@@ -46,6 +48,8 @@ ACCESS_USER: Access.ValueType  # 2
 """A valid access token of an active account (any role)."""
 ACCESS_ADMIN: Access.ValueType  # 3
 """A valid access token of an active admin."""
+ACCESS_WORKER: Access.ValueType  # 4
+"""A valid access token of an active worker (USER_ROLE_WORKER) or admin."""
 Global___Access: _TypeAlias = Access  # noqa: Y015
 
 ACCESS_FIELD_NUMBER: _builtins.int

@@ -34,6 +34,8 @@ class _UserRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserRole.Val
     """Also reads every user's conversations. Stored as `moderator`."""
     USER_ROLE_ADMIN: _UserRole.ValueType  # 3
     """May do everything, including managing accounts. Stored as `admin`."""
+    USER_ROLE_WORKER: _UserRole.ValueType  # 4
+    """Runs tasks: claims, heartbeats, completes and fails them (TaskService). Stored as `worker`."""
 
 class UserRole(_UserRole, metaclass=_UserRoleEnumTypeWrapper):
     """What an account may do."""
@@ -46,6 +48,8 @@ USER_ROLE_MODERATOR: UserRole.ValueType  # 2
 """Also reads every user's conversations. Stored as `moderator`."""
 USER_ROLE_ADMIN: UserRole.ValueType  # 3
 """May do everything, including managing accounts. Stored as `admin`."""
+USER_ROLE_WORKER: UserRole.ValueType  # 4
+"""Runs tasks: claims, heartbeats, completes and fails them (TaskService). Stored as `worker`."""
 Global___UserRole: _TypeAlias = UserRole  # noqa: Y015
 
 @_typing.final
@@ -566,7 +570,7 @@ class UserStats(_message.Message):
     """Accounts created in the last 7 days."""
     @_builtins.property
     def users_by_role(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Accounts per role: `user`, `moderator`, `admin` (every role present, 0 when none)."""
+        """Accounts per role: `user`, `moderator`, `admin`, `worker` (every role present, 0 when none)."""
 
     def __init__(
         self,

@@ -24,17 +24,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf import struct_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crewdb.v1 import conversation_service_pb2 as pb
 from crewdb.v1 import conversation_service_pb2_grpc as pb_grpc
+from crewdb.v1 import task_service_pb2 as tasks_pb
+from crewdb.v1 import task_service_pb2_grpc as tasks_grpc
 from crewdb.v1 import user_service_pb2 as users_pb
 from crewdb.v1 import user_service_pb2_grpc as users_grpc
 from tests.bench.echo_server import METHOD as ECHO_METHOD
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "docs" / "benchmarks.md"
+EMPTY = struct_pb2.Struct()
+DONE = struct_pb2.Struct(fields={"ok": struct_pb2.Value(bool_value=True)})
 PASSWORD = "bench password, not a common one"  # noqa: S105 - a throwaway account on a temp database
 
 
@@ -130,12 +135,13 @@ async def load(
     return Result(name, calls, elapsed, latencies)
 
 
-async def run(args: argparse.Namespace) -> tuple[list[tuple[Result, Result]], list[Result]]:
+async def run(args: argparse.Namespace) -> tuple[list[tuple[Result, Result]], list[Result], list[Result]]:
     python = sys.executable
     payload = pb.GetConversationRequest(id="0" * 36).SerializeToString()
     echo_port = free_port()
     results: list[tuple[Result, Result]] = []
     logins: list[Result] = []
+    queue: list[Result] = []
     measure = {"clients": args.clients, "seconds": args.seconds, "warmup": args.warmup}  # for load()
 
     def echo_call(channel: aio.Channel, _: int) -> Callable[[], Awaitable[object]]:
@@ -217,7 +223,107 @@ async def run(args: argparse.Namespace) -> tuple[list[tuple[Result, Result]], li
             results.append((await baseline(), await with_watchers(address, target, args, get, auth)))
             logins.append(await login_rate(address, 1, args.seconds))
             logins.append(await login_rate(address, 2, args.seconds))
-    return results, logins
+            admin = await sign_in_admin(python, env, address)
+            queue.append(await task_rate(address, auth, admin, 1, args.seconds))
+            queue.append(await task_rate(address, auth, admin, 4, args.seconds))
+            plain = await load("GetConversation, no task watchers", address, get, **measure)
+            watched = await with_task_watchers(address, auth, args, get)
+            queue.append(plain)
+            queue.append(watched)
+    return results, logins, queue
+
+
+async def sign_in_admin(python: str, env: dict[str, str], address: str) -> tuple[tuple[str, str], ...]:
+    """An admin (who may run tasks), made with `crewdb create-admin` like an operator would."""
+    subprocess.run(  # noqa: ASYNC221 - once, before any load; the bench has nothing else to do meanwhile
+        [
+            python,
+            "-m",
+            "crewdb",
+            "create-admin",
+            "--email",
+            "boss@example.com",
+            "--username",
+            "boss",
+            "--password-stdin",
+        ],
+        input=PASSWORD.encode(),
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    async with aio.insecure_channel(address) as channel:
+        login = await users_grpc.UserServiceStub(channel).Login(
+            users_pb.LoginRequest(email_or_username="boss", password=PASSWORD)
+        )
+    return (("authorization", f"Bearer {login.access_token}"),)
+
+
+async def task_rate(
+    address: str,
+    owner: tuple[tuple[str, str], ...],
+    worker: tuple[tuple[str, str], ...],
+    workers: int,
+    seconds: float,
+) -> Result:
+    """Claims plus completions per second with `workers` concurrent workers, from a full queue."""
+    async with aio.insecure_channel(address) as channel:
+        stub = tasks_grpc.TaskServiceStub(channel)
+        request = tasks_pb.CreateTaskRequest(type="bench", data=EMPTY)
+
+        async def create(count: int) -> None:
+            for _ in range(count):
+                await stub.CreateTask(request, metadata=owner)
+
+        await asyncio.gather(*(create(400) for _ in range(8)))
+    channels = [aio.insecure_channel(address) for _ in range(workers)]
+    latencies: list[float] = []
+    stop_at = time.monotonic() + seconds
+
+    async def run_worker(index: int) -> None:
+        stub = tasks_grpc.TaskServiceStub(channels[index])
+        name = f"bench-worker-{index}"
+        while (started := time.monotonic()) < stop_at:
+            claimed = await stub.ClaimTask(tasks_pb.ClaimTaskRequest(worker_id=name), metadata=worker)
+            if not claimed.HasField("task"):
+                break
+            await stub.CompleteTask(
+                tasks_pb.CompleteTaskRequest(id=claimed.task.id, worker_id=name, result=DONE),
+                metadata=worker,
+            )
+            latencies.append(time.monotonic() - started)
+
+    begun = time.monotonic()
+    await asyncio.gather(*(run_worker(i) for i in range(workers)))
+    elapsed = time.monotonic() - begun
+    for channel in channels:
+        await channel.close()
+    return Result(f"Claim + complete, {workers} worker(s)", len(latencies), elapsed, latencies)
+
+
+async def with_task_watchers(
+    address: str,
+    auth: tuple[tuple[str, str], ...],
+    args: argparse.Namespace,
+    get: Callable[[aio.Channel, int], Callable[[], Awaitable[object]]],
+) -> Result:
+    """GetConversation while `args.watchers` WatchTask streams stay open on queued tasks."""
+    channels = [aio.insecure_channel(address) for _ in range(max(1, args.watchers // 100))]
+    stub = tasks_grpc.TaskServiceStub(channels[0])
+    streams = []
+    for i in range(args.watchers):
+        task = await stub.CreateTask(tasks_pb.CreateTaskRequest(type="watched", data=EMPTY), metadata=auth)
+        watcher = tasks_grpc.TaskServiceStub(channels[i % len(channels)])
+        streams.append(watcher.WatchTask(tasks_pb.WatchTaskRequest(id=task.id), metadata=auth))
+    await asyncio.sleep(1)  # let every stream reach the server
+    name = f"GetConversation, {args.watchers} WatchTask streams open"
+    result = await load(name, address, get, clients=args.clients, seconds=args.seconds, warmup=args.warmup)
+    for stream in streams:
+        stream.cancel()
+    for channel in channels:
+        await channel.close()
+    return result
 
 
 async def login_rate(address: str, callers: int, seconds: float) -> Result:
@@ -266,7 +372,9 @@ async def with_watchers(
     return result
 
 
-def report(results: list[tuple[Result, Result]], logins: list[Result], args: argparse.Namespace) -> str:
+def report(
+    results: list[tuple[Result, Result]], logins: list[Result], queue: list[Result], args: argparse.Namespace
+) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -301,6 +409,22 @@ def report(results: list[tuple[Result, Result]], logins: list[Result], args: arg
             f"| {result.name} | {result.qps:,.1f} | {result.percentile(0.5):.1f} "
             f"| {result.percentile(0.99):.1f} | {result.qps / single:.2f} |"
         )
+    one_worker, four_workers, plain, watched = queue
+    lines += [
+        "",
+        "Task queue (claims are single UPDATE ... RETURNING statements on the writer thread):",
+        "",
+        "| scenario | per second | p50 ms | p99 ms | ratio |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| {one_worker.name} | {one_worker.qps:,.0f} | {one_worker.percentile(0.5):.2f} "
+        f"| {one_worker.percentile(0.99):.2f} | 1.00 |",
+        f"| {four_workers.name} | {four_workers.qps:,.0f} | {four_workers.percentile(0.5):.2f} "
+        f"| {four_workers.percentile(0.99):.2f} | {four_workers.qps / one_worker.qps:.2f} (to 1 worker) |",
+        f"| {plain.name} | {plain.qps:,.0f} | {plain.percentile(0.5):.2f} "
+        f"| {plain.percentile(0.99):.2f} | 1.00 |",
+        f"| {watched.name} | {watched.qps:,.0f} | {watched.percentile(0.5):.2f} "
+        f"| {watched.percentile(0.99):.2f} | {watched.qps / plain.qps:.2f} (to no streams) |",
+    ]
     return "\n".join(lines) + "\n" + READING
 
 
@@ -341,8 +465,8 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=500)
     parser.add_argument("--no-write", action="store_true", help="print only; keep docs/benchmarks.md")
     args = parser.parse_args()
-    results, logins = asyncio.run(run(args))
-    text = report(results, logins, args)
+    results, logins, queue = asyncio.run(run(args))
+    text = report(results, logins, queue, args)
     print(text)
     if not args.no_write:
         REPORT.write_text(text)

@@ -969,7 +969,7 @@ def test_an_admin_lists_filters_pages_and_counts_users(server: RunningServer, us
 
     stats = users.GetUserStats(pb.GetUserStatsRequest(), metadata=root.metadata, timeout=TIMEOUT)
     assert (stats.total_users, stats.active_users, stats.signups_last_7_days) == (4, 3, 4)
-    assert dict(stats.users_by_role) == {"user": 2, "moderator": 1, "admin": 1}
+    assert dict(stats.users_by_role) == {"user": 2, "moderator": 1, "admin": 1, "worker": 0}
 
 
 def test_a_role_change_takes_effect_at_once(server: RunningServer, users: UserServiceStub) -> None:

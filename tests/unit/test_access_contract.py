@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from crewdb.api.middleware import access_of
-from crewdb.v1 import conversation_service_pb2, options_pb2, user_service_pb2
+from crewdb.v1 import conversation_service_pb2, options_pb2, task_service_pb2, user_service_pb2
 
 SERVICES = [
     conversation_service_pb2.DESCRIPTOR.services_by_name["ConversationService"],
     user_service_pb2.DESCRIPTOR.services_by_name["UserService"],
+    task_service_pb2.DESCRIPTOR.services_by_name["TaskService"],
 ]
 PUBLIC = {
     "crewdb.v1.UserService.Register",
@@ -32,3 +33,11 @@ def test_account_administration_is_admin_only() -> None:
     users = SERVICES[1]
     admin = {m.name for m in users.methods if access_of(m) == options_pb2.ACCESS_ADMIN}
     assert admin == {"ListUsers", "GetUser", "UpdateUserRole", "SetUserActive", "GetUserStats"}
+
+
+def test_running_tasks_needs_the_worker_role_and_purging_the_admin_role() -> None:
+    tasks = SERVICES[2]
+    worker = {m.name for m in tasks.methods if access_of(m) == options_pb2.ACCESS_WORKER}
+    admin = {m.name for m in tasks.methods if access_of(m) == options_pb2.ACCESS_ADMIN}
+    assert worker == {"ClaimTask", "HeartbeatTask", "CompleteTask", "FailTask"}
+    assert admin == {"PurgeTasks"}
