@@ -118,26 +118,22 @@ def _access_check(access: int, authenticate: Authenticate) -> Check:
         _caller.set(principal)
         return principal
 
-    def admin(context: aio.ServicerContext[Any, Any]) -> Principal:
-        principal = authenticate(_bearer_token(context))
-        if not principal.is_admin:
-            raise PermissionDeniedError("this needs the admin role")
-        _caller.set(principal)
-        return principal
+    def requiring(allowed: Callable[[Principal], bool], roles: str) -> Check:
+        def check(context: aio.ServicerContext[Any, Any]) -> Principal:
+            principal = authenticate(_bearer_token(context))
+            if not allowed(principal):
+                raise PermissionDeniedError(f"this needs the {roles} role")
+            _caller.set(principal)
+            return principal
 
-    def worker(context: aio.ServicerContext[Any, Any]) -> Principal:
-        principal = authenticate(_bearer_token(context))
-        if not principal.runs_tasks:
-            raise PermissionDeniedError("this needs the worker or admin role")
-        _caller.set(principal)
-        return principal
+        return check
 
     if access == options_pb2.ACCESS_PUBLIC:
         return public
     if access == options_pb2.ACCESS_ADMIN:
-        return admin
+        return requiring(lambda principal: principal.is_admin, "admin")
     if access == options_pb2.ACCESS_WORKER:
-        return worker
+        return requiring(lambda principal: principal.runs_tasks, "worker or admin")
     return signed_in
 
 

@@ -37,9 +37,9 @@ from crewdb.models import (
 )
 from crewdb.services.events import MessageEvents
 from crewdb.services.pagination import PageTokens, check_page_size, page_size
+from crewdb.services.validation import check_id, raise_if
 
 # Limits; the proto documents the same numbers.
-ID_MAX_LENGTH = 128
 TITLE_MAX_LENGTH = 200
 CONTENT_MAX_LENGTH = 100_000
 METADATA_MAX_BYTES = 16 * 1024
@@ -85,7 +85,7 @@ class ConversationService:
 
     async def create_conversation(self, caller: Principal, title: str) -> Conversation:
         """A new conversation owned by the caller. Raises: InvalidArgumentError."""
-        _raise_if(_check_title(title))
+        raise_if(_check_title(title))
         conversation_id = str(uuid.uuid4())
 
         def work(conn: Connection) -> Conversation:
@@ -97,7 +97,7 @@ class ConversationService:
 
     async def get_conversation(self, caller: Principal, conversation_id: str) -> Conversation:
         """Raises: InvalidArgumentError, NotFoundError."""
-        _raise_if(_check_id("id", conversation_id))
+        raise_if(check_id("id", conversation_id))
         owner = _reader(caller)
         found = self._db.read_now(lambda conn: store.get_conversation(conn, conversation_id, owner=owner))
         return _must_exist(found, conversation_id)
@@ -106,7 +106,7 @@ class ConversationService:
         self, caller: Principal, size: int, token: str, *, all_users: bool = False
     ) -> Page[Conversation]:
         """Most recently updated first. Raises: InvalidArgumentError, PermissionDeniedError."""
-        _raise_if(check_page_size(size))
+        raise_if(check_page_size(size))
         owner = _lister(caller, all_users)
         limit = page_size(size, default=CONVERSATIONS_PAGE[0], maximum=CONVERSATIONS_PAGE[1])
         scope = f"conversations:{owner or '*'}"
@@ -120,7 +120,7 @@ class ConversationService:
 
     async def update_title(self, caller: Principal, conversation_id: str, title: str) -> Conversation:
         """Raises: InvalidArgumentError, NotFoundError, PermissionDeniedError."""
-        _raise_if(_check_id("id", conversation_id) + _check_title(title))
+        raise_if(check_id("id", conversation_id) + _check_title(title))
         owner = _writer(caller)
 
         def work(conn: Connection) -> Conversation | None:
@@ -135,7 +135,7 @@ class ConversationService:
 
         Raises: InvalidArgumentError, NotFoundError, PermissionDeniedError.
         """
-        _raise_if(_check_id("id", conversation_id))
+        raise_if(check_id("id", conversation_id))
         owner = _writer(caller)
         notify = self._on_loop(self._events.conversation_deleted)
 
@@ -162,7 +162,7 @@ class ConversationService:
 
         Raises: InvalidArgumentError, NotFoundError, PermissionDeniedError.
         """
-        violations = _check_id("conversation_id", conversation_id)
+        violations = check_id("conversation_id", conversation_id)
         violations += _check_content(content) + _check_metadata(metadata)
         if role is None:
             violations.insert(1, FieldViolation("role", "required: user, assistant, system or tool"))
@@ -195,7 +195,7 @@ class ConversationService:
         self, caller: Principal, conversation_id: str, size: int, token: str
     ) -> Page[Message]:
         """Oldest first. Raises: InvalidArgumentError, NotFoundError."""
-        _raise_if(_check_id("conversation_id", conversation_id) + check_page_size(size))
+        raise_if(check_id("conversation_id", conversation_id) + check_page_size(size))
         limit = page_size(size, default=MESSAGES_PAGE[0], maximum=MESSAGES_PAGE[1])
         scope = f"messages:{conversation_id}"
         after = _position(self._tokens.decode(scope, token)) if token else None
@@ -230,7 +230,7 @@ class ConversationService:
             violations.append(FieldViolation("query", "required"))
         elif len(query) > QUERY_MAX_LENGTH:
             violations.append(FieldViolation("query", f"at most {QUERY_MAX_LENGTH} characters"))
-        _raise_if(violations + check_page_size(size))
+        raise_if(violations + check_page_size(size))
         limit = page_size(size, default=SEARCH_PAGE[0], maximum=SEARCH_PAGE[1])
         owner = _lister(caller, all_users)
 
@@ -287,10 +287,10 @@ class ConversationService:
         Raises: InvalidArgumentError, NotFoundError, ResourceExhaustedError (over
         EXPORT_MAX_BYTES).
         """
-        violations = _check_id("id", conversation_id)
+        violations = check_id("id", conversation_id)
         if export_format is None:
             violations.append(FieldViolation("format", "unknown format: use JSON or MARKDOWN"))
-        _raise_if(violations)
+        raise_if(violations)
         owner = _reader(caller)
 
         too_large = ResourceExhaustedError(
@@ -334,10 +334,10 @@ class ConversationService:
         Raises: InvalidArgumentError, NotFoundError (the conversation or message is missing, or
         the conversation was deleted while watching), UnavailableError (server shutting down).
         """
-        violations = _check_id("conversation_id", conversation_id)
+        violations = check_id("conversation_id", conversation_id)
         if after_message_id:
-            violations += _check_id("after_message_id", after_message_id)
-        _raise_if(violations)
+            violations += check_id("after_message_id", after_message_id)
+        raise_if(violations)
         owner = _reader(caller)
 
         def start(conn: Connection) -> store.Position | None:
@@ -449,11 +449,6 @@ def _deny_if_only_readable(conn: Connection, caller: Principal, conversation_id:
         )
 
 
-def _raise_if(violations: list[FieldViolation]) -> None:
-    if violations:
-        raise InvalidArgumentError.of(violations)
-
-
 def _must_exist(conversation: Conversation | None, conversation_id: str) -> Conversation:
     if conversation is None:
         raise conversation_not_found(conversation_id)
@@ -468,14 +463,6 @@ def _position(values: tuple[str, ...]) -> store.Position:
             reason="INVALID_PAGE_TOKEN",
         )
     return values[0], values[1]
-
-
-def _check_id(field: str, value: str) -> list[FieldViolation]:
-    if not value:
-        return [FieldViolation(field, "required")]
-    if len(value) > ID_MAX_LENGTH:
-        return [FieldViolation(field, f"at most {ID_MAX_LENGTH} characters")]
-    return []
 
 
 def _check_title(title: str) -> list[FieldViolation]:

@@ -21,12 +21,12 @@ from crewdb.errors import (
     CrewdbError,
     FailedPreconditionError,
     FieldViolation,
-    InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
 )
 from crewdb.models import JsonObject, Page, Principal, QueueStats, Task, TaskStatus
 from crewdb.services.pagination import PageTokens, check_page_size, page_size
+from crewdb.services.validation import check_id, raise_if
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ METADATA_MAX_BYTES = 16 * 1024
 ERROR_MAX_LENGTH = 4000
 DEDUP_MAX_LENGTH = 200
 WORKER_MAX_LENGTH = 100
-ID_MAX_LENGTH = 128
 TASKS_PAGE = (50, 200)
 # Retry backoff: 2, 4, 8 ... seconds after each failed attempt, at most this.
 MAX_BACKOFF_SECONDS = 300
@@ -118,7 +117,7 @@ class TaskService:
             violations.append(FieldViolation("dedup_key", f"at most {DEDUP_MAX_LENGTH} characters"))
         if max_attempts != 0 and not ATTEMPTS_RANGE[0] <= max_attempts <= ATTEMPTS_RANGE[1]:
             violations.append(FieldViolation("max_attempts", "from 1 to 20, or 0 for 3"))
-        _raise_if(violations)
+        raise_if(violations)
         task_id = str(uuid.uuid4())
 
         def work(conn: Connection) -> Task:
@@ -153,7 +152,7 @@ class TaskService:
 
     async def get(self, caller: Principal, task_id: str) -> Task:
         """Raises: InvalidArgumentError, NotFoundError."""
-        _raise_if(_id("id", task_id))
+        raise_if(check_id("id", task_id))
         found = self._db.read_now(lambda conn: store.get_task(conn, task_id, owner=_scope(caller)))
         if found is None:
             raise task_not_found(task_id)
@@ -163,7 +162,7 @@ class TaskService:
         self, caller: Principal, *, status: TaskStatus | None, task_type: str, size: int, token: str
     ) -> Page[Task]:
         """Newest first. Raises: InvalidArgumentError."""
-        _raise_if(check_page_size(size))
+        raise_if(check_page_size(size))
         limit = page_size(size, default=TASKS_PAGE[0], maximum=TASKS_PAGE[1])
         owner = _scope(caller)
         scope = f"tasks:{owner or '*'}:{status}:{task_type}"
@@ -188,7 +187,7 @@ class TaskService:
 
         Raises: InvalidArgumentError, NotFoundError, FailedPreconditionError (INVALID_TRANSITION).
         """
-        _raise_if(_id("id", task_id))
+        raise_if(check_id("id", task_id))
         owner = None if caller.is_admin else caller.user_id
 
         def work(conn: Connection) -> Task:
@@ -243,7 +242,7 @@ class TaskService:
         ]
         if not 0 <= wait_seconds <= MAX_WAIT_SECONDS:
             violations.append(FieldViolation("wait_seconds", f"from 0 to {MAX_WAIT_SECONDS}"))
-        _raise_if(violations)
+        raise_if(violations)
         lease = timedelta(seconds=lease_seconds or DEFAULT_LEASE)
         deadline = asyncio.get_running_loop().time() + wait_seconds
         while True:
@@ -275,10 +274,10 @@ class TaskService:
 
     async def heartbeat(self, worker_id: str, task_id: str, progress: float, lease_seconds: int) -> Task:
         """Raises: InvalidArgumentError, NotFoundError, FailedPreconditionError (LEASE_LOST)."""
-        violations = _id("id", task_id) + _worker(worker_id) + _lease(lease_seconds)
+        violations = check_id("id", task_id) + _worker(worker_id) + _lease(lease_seconds)
         if not 0 <= progress <= 1:
             violations.append(FieldViolation("progress", "from 0 to 1"))
-        _raise_if(violations)
+        raise_if(violations)
         lease = timedelta(seconds=lease_seconds or DEFAULT_LEASE)
 
         def work(conn: Connection) -> Task:
@@ -294,7 +293,7 @@ class TaskService:
 
     async def complete(self, worker_id: str, task_id: str, result: JsonObject | None) -> Task:
         """Raises: InvalidArgumentError, NotFoundError, FailedPreconditionError."""
-        _raise_if(_id("id", task_id) + _worker(worker_id) + _size("result", result, DATA_MAX_BYTES))
+        raise_if(check_id("id", task_id) + _worker(worker_id) + _size("result", result, DATA_MAX_BYTES))
 
         def work(conn: Connection) -> Task:
             now = self._clock.now()
@@ -310,12 +309,12 @@ class TaskService:
 
         Raises: InvalidArgumentError, NotFoundError, FailedPreconditionError.
         """
-        violations = _id("id", task_id) + _worker(worker_id)
+        violations = check_id("id", task_id) + _worker(worker_id)
         if not error.strip():
             violations.append(FieldViolation("error", "required"))
         elif len(error) > ERROR_MAX_LENGTH:
             violations.append(FieldViolation("error", f"at most {ERROR_MAX_LENGTH} characters"))
-        _raise_if(violations)
+        raise_if(violations)
 
         def work(conn: Connection) -> tuple[Task, bool]:
             now = self._clock.now()
@@ -362,7 +361,7 @@ class TaskService:
             )
         if older_than is None or older_than < timedelta(0):
             violations.append(FieldViolation("older_than", "required, 0 or more"))
-        _raise_if(violations)
+        raise_if(violations)
         chosen = statuses or [TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED]
         before = self._clock.now() - (older_than or timedelta(0))
         return await self._db.write(lambda conn: store.purge(conn, chosen, before))
@@ -430,14 +429,6 @@ def _size(field: str, value: JsonObject | None, limit: int) -> list[FieldViolati
     return []
 
 
-def _id(field: str, value: str) -> list[FieldViolation]:
-    if not value:
-        return [FieldViolation(field, "required")]
-    if len(value) > ID_MAX_LENGTH:
-        return [FieldViolation(field, f"at most {ID_MAX_LENGTH} characters")]
-    return []
-
-
 def _worker(worker_id: str) -> list[FieldViolation]:
     if not worker_id or len(worker_id) > WORKER_MAX_LENGTH:
         return [FieldViolation("worker_id", f"required, at most {WORKER_MAX_LENGTH} characters")]
@@ -448,8 +439,3 @@ def _lease(seconds: int) -> list[FieldViolation]:
     if seconds != 0 and not LEASE_RANGE[0] <= seconds <= LEASE_RANGE[1]:
         return [FieldViolation("lease_seconds", "from 1 to 3600, or 0 for 30")]
     return []
-
-
-def _raise_if(violations: list[FieldViolation]) -> None:
-    if violations:
-        raise InvalidArgumentError.of(violations)

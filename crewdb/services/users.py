@@ -29,6 +29,7 @@ from crewdb.services.pagination import PageTokens, check_page_size, page_size
 from crewdb.services.passwords import PasswordHasher, check_password
 from crewdb.services.throttle import LoginThrottle, RateLimit
 from crewdb.services.tokens import AccessTokens, hash_refresh_token, new_refresh_token
+from crewdb.services.validation import check_id, raise_if
 
 log = logging.getLogger(__name__)
 # Security events (refresh-token reuse, deactivations) go to their own logger so operators can
@@ -39,7 +40,6 @@ EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 EMAIL_MAX_LENGTH = 254
 USERNAME = re.compile(r"[a-z0-9._-]{3,32}")
 USERS_PAGE = (50, 200)
-ID_MAX_LENGTH = 128
 REGISTRATIONS_PER_WINDOW = 30
 REGISTRATION_WINDOW_SECONDS = 600.0
 # How long a checked session (open, account active, role) is trusted before it is read
@@ -360,7 +360,7 @@ class Accounts:
 
     async def revoke_session(self, caller: Principal, session_id: str) -> None:
         """Raises: InvalidArgumentError, NotFoundError (SESSION_NOT_FOUND)."""
-        _raise_if(_id_violations("id", session_id))
+        raise_if(check_id("id", session_id))
         ended = await self._db.write(
             lambda conn: store.revoke_sessions(conn, caller.user_id, self._clock.now(), family_id=session_id)
         )
@@ -396,7 +396,7 @@ class Accounts:
 
     async def get_user(self, user_id: str) -> User:
         """Raises: InvalidArgumentError, NotFoundError (USER_NOT_FOUND)."""
-        _raise_if(_id_violations("user_id", user_id))
+        raise_if(check_id("user_id", user_id))
         found = self._db.read_now(lambda conn: store.get_user(conn, user_id))
         if found is None:
             raise _user_not_found(user_id)
@@ -404,7 +404,7 @@ class Accounts:
 
     async def set_role(self, user_id: str, role: UserRole | None) -> User:
         """Raises: InvalidArgumentError, NotFoundError, FailedPreconditionError (LAST_ADMIN)."""
-        violations = _id_violations("user_id", user_id)
+        violations = check_id("user_id", user_id)
         if role is None:
             violations.append(FieldViolation("role", "required: user, moderator or admin"))
         if violations or role is None:
@@ -429,7 +429,7 @@ class Accounts:
 
         Raises: InvalidArgumentError, NotFoundError, FailedPreconditionError (LAST_ADMIN).
         """
-        _raise_if(_id_violations("user_id", user_id))
+        raise_if(check_id("user_id", user_id))
 
         def work(conn: Connection) -> User | None:
             current = store.get_user(conn, user_id)
@@ -497,19 +497,6 @@ async def create_user(
             now=clock.now(),
         )
     )
-
-
-def _id_violations(field: str, value: str) -> list[FieldViolation]:
-    if not value:
-        return [FieldViolation(field, "required")]
-    if len(value) > ID_MAX_LENGTH:
-        return [FieldViolation(field, f"at most {ID_MAX_LENGTH} characters")]
-    return []
-
-
-def _raise_if(violations: list[FieldViolation]) -> None:
-    if violations:
-        raise InvalidArgumentError.of(violations)
 
 
 def _keep_an_admin(conn: Connection) -> None:
