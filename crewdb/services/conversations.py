@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from crewdb.clock import Clock, format_timestamp
 from crewdb.db import conversations as store
@@ -35,7 +34,7 @@ from crewdb.models import (
     Principal,
     SearchHit,
 )
-from crewdb.services.events import MessageEvents
+from crewdb.services.events import MessageEvents, on_this_loop
 from crewdb.services.pagination import PageTokens, check_page_size, page_size
 from crewdb.services.validation import check_id, raise_if
 
@@ -110,13 +109,13 @@ class ConversationService:
         owner = _lister(caller, all_users)
         limit = page_size(size, default=CONVERSATIONS_PAGE[0], maximum=CONVERSATIONS_PAGE[1])
         scope = f"conversations:{owner or '*'}"
-        after = _position(self._tokens.decode(scope, token)) if token else None
+        after = self._tokens.after(scope, token)
         rows = await self._read(
             limit + 1,
             INLINE_CONVERSATION_ROWS,
             lambda conn: store.list_conversations(conn, after, limit + 1, owner=owner),
         )
-        return self._page(rows, limit, scope, store.conversation_position)
+        return self._tokens.page(rows, limit, scope, store.conversation_position)
 
     async def update_title(self, caller: Principal, conversation_id: str, title: str) -> Conversation:
         """Raises: InvalidArgumentError, NotFoundError, PermissionDeniedError."""
@@ -137,7 +136,7 @@ class ConversationService:
         """
         raise_if(check_id("id", conversation_id))
         owner = _writer(caller)
-        notify = self._on_loop(self._events.conversation_deleted)
+        notify = on_this_loop(self._events.conversation_deleted)
 
         def work(conn: Connection) -> bool:
             deleted = store.delete_conversation(conn, conversation_id, owner=owner)
@@ -170,7 +169,7 @@ class ConversationService:
             raise InvalidArgumentError.of(violations)
         message_id = str(uuid.uuid4())
         owner = _writer(caller)
-        notify = self._on_loop(self._events.message_added)
+        notify = on_this_loop(self._events.message_added)
 
         def work(conn: Connection) -> Message | None:
             added = store.insert_message(
@@ -198,7 +197,7 @@ class ConversationService:
         raise_if(check_id("conversation_id", conversation_id) + check_page_size(size))
         limit = page_size(size, default=MESSAGES_PAGE[0], maximum=MESSAGES_PAGE[1])
         scope = f"messages:{conversation_id}"
-        after = _position(self._tokens.decode(scope, token)) if token else None
+        after = self._tokens.after(scope, token)
         owner = _reader(caller)
 
         def work(conn: Connection) -> list[Message] | None:
@@ -216,7 +215,7 @@ class ConversationService:
             if cut and size > MESSAGES_PAGE_MAX_BYTES:
                 break
             cut += 1
-        return self._page(rows, cut, scope, store.message_position)
+        return self._tokens.page(rows, cut, scope, store.message_position)
 
     async def search(
         self, caller: Principal, query: str, size: int, *, all_users: bool = False
@@ -392,18 +391,6 @@ class ConversationService:
             return self._db.read_now(work)
         return await self._db.read(work)
 
-    def _page(self, rows: list[Any], limit: int, scope: str, position: Any) -> Page[Any]:
-        if len(rows) <= limit:
-            return Page(rows, "")
-        items = rows[:limit]
-        return Page(items, self._tokens.encode(scope, position(items[-1])))
-
-    @staticmethod
-    def _on_loop(callback: Any) -> Any:
-        """`callback` made callable from the writer thread; it then runs on this event loop."""
-        loop = asyncio.get_running_loop()
-        return lambda *args: loop.call_soon_threadsafe(callback, *args)
-
 
 def _messages_after(conversation_id: str, after: store.Position | None, conn: Connection) -> list[Message]:
     return store.list_messages(conn, conversation_id, after, WATCH_BATCH)
@@ -453,16 +440,6 @@ def _must_exist(conversation: Conversation | None, conversation_id: str) -> Conv
     if conversation is None:
         raise conversation_not_found(conversation_id)
     return conversation
-
-
-def _position(values: tuple[str, ...]) -> store.Position:
-    if len(values) != 2:
-        raise InvalidArgumentError(
-            "invalid page token",
-            [FieldViolation("page_token", "not a page token issued for this listing")],
-            reason="INVALID_PAGE_TOKEN",
-        )
-    return values[0], values[1]
 
 
 def _check_title(title: str) -> list[FieldViolation]:

@@ -12,8 +12,20 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict, deque
+from collections.abc import Callable
 
 from crewdb.models import Message
+
+
+def on_this_loop(callback: Callable[..., object]) -> Callable[..., None]:
+    """`callback` made callable from another thread (the database writer, after a commit); it
+    then runs on the event loop that is running now, in the order of the calls."""
+    loop = asyncio.get_running_loop()
+
+    def call(*args: object) -> None:
+        loop.call_soon_threadsafe(callback, *args)
+
+    return call
 
 
 class Subscription:

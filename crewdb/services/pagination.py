@@ -7,10 +7,14 @@ import binascii
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
+from typing import TypeVar
 
 from crewdb.errors import FieldViolation, InvalidArgumentError
+from crewdb.models import Page
 
 _MAC_BYTES = 16
+T = TypeVar("T")
 
 
 def check_page_size(requested: int, field: str = "page_size") -> list[FieldViolation]:
@@ -36,12 +40,29 @@ class PageTokens:
             raise ValueError("page token key must be at least 16 bytes")
         self._key = key
 
-    def encode(self, scope: str, position: tuple[str, ...]) -> str:
+    def encode(self, scope: str, position: tuple[str, str]) -> str:
         payload = json.dumps(position, separators=(",", ":")).encode()
         token = payload + self._mac(scope, payload)
         return base64.urlsafe_b64encode(token).rstrip(b"=").decode()
 
-    def decode(self, scope: str, token: str, *, field: str = "page_token") -> tuple[str, ...]:
+    def after(self, scope: str, token: str) -> tuple[str, str] | None:
+        """The position a listing continues after: None for the first page (no token).
+
+        Raises:
+            InvalidArgumentError: (reason INVALID_PAGE_TOKEN) see `decode`.
+        """
+        return self.decode(scope, token) if token else None
+
+    def page(
+        self, rows: list[T], limit: int, scope: str, position: Callable[[T], tuple[str, str]]
+    ) -> Page[T]:
+        """The first `limit` of `rows` (fetched as limit + 1), with a token for the rest if any."""
+        if len(rows) <= limit:
+            return Page(rows, "")
+        items = rows[:limit]
+        return Page(items, self.encode(scope, position(items[-1])))
+
+    def decode(self, scope: str, token: str, *, field: str = "page_token") -> tuple[str, str]:
         """The position in `token`.
 
         Raises:
@@ -54,7 +75,11 @@ class PageTokens:
             if len(raw) <= _MAC_BYTES or not hmac.compare_digest(mac, self._mac(scope, payload)):
                 raise ValueError("bad signature")
             position = json.loads(payload)
-            if not isinstance(position, list) or not all(isinstance(p, str) for p in position):
+            if (
+                not isinstance(position, list)
+                or len(position) != 2
+                or not all(isinstance(p, str) for p in position)
+            ):
                 raise ValueError("bad payload")
         except (ValueError, binascii.Error):
             raise InvalidArgumentError(
@@ -62,7 +87,7 @@ class PageTokens:
                 [FieldViolation(field, "not a page token issued for this listing")],
                 reason="INVALID_PAGE_TOKEN",
             ) from None
-        return tuple(position)
+        return position[0], position[1]
 
     def _mac(self, scope: str, payload: bytes) -> bytes:
         message = scope.encode() + b"\0" + payload

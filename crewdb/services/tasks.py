@@ -25,6 +25,7 @@ from crewdb.errors import (
     PermissionDeniedError,
 )
 from crewdb.models import JsonObject, Page, Principal, QueueStats, Task, TaskStatus
+from crewdb.services.events import on_this_loop
 from crewdb.services.pagination import PageTokens, check_page_size, page_size
 from crewdb.services.validation import check_id, raise_if
 
@@ -144,9 +145,7 @@ class TaskService:
                     "dedup_key": dedup_key or None,
                 },
             )
-            found = store.get_task(conn, task_id, owner=None)
-            assert found is not None  # noqa: S101 - inserted just above, in this transaction
-            return found
+            return _reread(conn, task_id)
 
         return await self._db.write(work, after_commit=self._announce(lambda _: [task_id], lambda _: True))
 
@@ -166,16 +165,13 @@ class TaskService:
         limit = page_size(size, default=TASKS_PAGE[0], maximum=TASKS_PAGE[1])
         owner = _scope(caller)
         scope = f"tasks:{owner or '*'}:{status}:{task_type}"
-        position = self._tokens.decode(scope, token) if token else None
-        after = (position[0], position[1]) if position and len(position) == 2 else None
+        after = self._tokens.after(scope, token)
         rows = await self._db.read(
             lambda conn: store.list_tasks(
                 conn, owner=owner, status=status, task_type=task_type, after=after, limit=limit + 1
             )
         )
-        if len(rows) <= limit:
-            return Page(rows, "")
-        return Page(rows[:limit], self._tokens.encode(scope, store.task_position(rows[limit - 1])))
+        return self._tokens.page(rows, limit, scope, store.task_position)
 
     async def stats(self, caller: Principal) -> QueueStats:
         counts, oldest = await self._db.read(lambda conn: store.queue_stats(conn, owner=_scope(caller)))
@@ -203,9 +199,7 @@ class TaskService:
                 store.request_cancel(conn, task_id, now)
             else:
                 raise _invalid_transition(task, "cancel")
-            found = store.get_task(conn, task_id, owner=None)
-            assert found is not None  # noqa: S101 - read in this transaction
-            return found
+            return _reread(conn, task_id)
 
         return await self._db.write(work, after_commit=self._announce(lambda _: [task_id]))
 
@@ -391,12 +385,8 @@ class TaskService:
     ) -> Callable[[T], None]:
         """An after-commit callback (writer thread) that tells this loop's watchers, and
         claimers waiting for work, what changed."""
-        loop = asyncio.get_running_loop()
-
-        def announce(outcome: T) -> None:
-            loop.call_soon_threadsafe(self._events.changed, ids(outcome), work_ready(outcome))
-
-        return announce
+        changed = on_this_loop(self._events.changed)
+        return lambda outcome: changed(ids(outcome), work_ready(outcome))
 
 
 def _has_expired_leases(now: datetime, conn: Connection) -> bool:

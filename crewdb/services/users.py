@@ -381,18 +381,13 @@ class Accounts:
             raise InvalidArgumentError.of(violations)
         limit = page_size(size, default=USERS_PAGE[0], maximum=USERS_PAGE[1])
         scope = f"users:{role}:{active}:{query}"
-        position = self._page_tokens.decode(scope, token) if token else None
-        after = (position[0], position[1]) if position and len(position) == 2 else None
-        if position is not None and after is None:
-            raise InvalidArgumentError.of([FieldViolation("page_token", "not a page token for this listing")])
+        after = self._page_tokens.after(scope, token)
         rows = await self._db.read(
             lambda conn: store.list_users(
                 conn, role=role, active=active, query=query.strip(), after=after, limit=limit + 1
             )
         )
-        if len(rows) <= limit:
-            return Page(rows, "")
-        return Page(rows[:limit], self._page_tokens.encode(scope, store.user_position(rows[limit - 1])))
+        return self._page_tokens.page(rows, limit, scope, store.user_position)
 
     async def get_user(self, user_id: str) -> User:
         """Raises: InvalidArgumentError, NotFoundError (USER_NOT_FOUND)."""
