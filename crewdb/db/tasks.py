@@ -250,18 +250,6 @@ def heartbeat(
     return _task(row) if row else None
 
 
-def holds_lease(conn: Connection, task_id: str, worker_id: str, now: datetime) -> bool:
-    found = conn.execute(
-        select(tasks.c.id).where(
-            tasks.c.id == task_id,
-            tasks.c.status == TaskStatus.RUNNING.value,
-            tasks.c.worker_id == worker_id,
-            tasks.c.lease_expires_at >= format_timestamp(now),
-        )
-    ).first()
-    return found is not None
-
-
 def finish(
     conn: Connection,
     task_id: str,

@@ -280,7 +280,7 @@ class TaskService:
                 conn, task_id, worker_id=worker_id, progress=progress, lease_until=now + lease, now=now
             )
             if beaten is None:
-                raise self._lease_problem(conn, task_id)
+                raise _lease_problem(store.get_task(conn, task_id, owner=None), task_id)
             return beaten
 
         return await self._db.write(work, after_commit=self._announce(lambda _: [task_id]))
@@ -362,23 +362,21 @@ class TaskService:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _held(self, conn: Connection, task_id: str, worker_id: str, now: datetime) -> Task:
-        if not store.holds_lease(conn, task_id, worker_id, now):
-            raise self._lease_problem(conn, task_id)
-        return _reread(conn, task_id)
-
     @staticmethod
-    def _lease_problem(conn: Connection, task_id: str) -> Exception:
+    def _held(conn: Connection, task_id: str, worker_id: str, now: datetime) -> Task:
+        """The task (read once) when `worker_id` holds its lease now; the reason why not otherwise."""
         task = store.get_task(conn, task_id, owner=None)
         if task is None:
-            return task_not_found(task_id)
-        lease_ran_out = task.status is TaskStatus.QUEUED or (task.error or "").startswith(store.LEASE_EXPIRED)
-        if task.status is not TaskStatus.RUNNING and not lease_ran_out:
-            return _invalid_transition(task, "change")
-        return FailedPreconditionError(
-            f"task {task_id!r} is not leased to this worker (the lease expired or another worker holds it)",
-            reason="LEASE_LOST",
-        )
+            raise task_not_found(task_id)
+        lease = task.lease_expires_at
+        if (
+            task.status is not TaskStatus.RUNNING
+            or task.worker_id != worker_id
+            or lease is None
+            or lease < now
+        ):
+            raise _lease_problem(task, task_id)
+        return task
 
     def _announce(
         self, ids: Callable[[T], list[str]], work_ready: Callable[[T], bool] = lambda _: False
@@ -387,6 +385,19 @@ class TaskService:
         claimers waiting for work, what changed."""
         changed = on_this_loop(self._events.changed)
         return lambda outcome: changed(ids(outcome), work_ready(outcome))
+
+
+def _lease_problem(task: Task | None, task_id: str) -> Exception:
+    """Why a worker may not change a task it names (missing, finished, or not its lease)."""
+    if task is None:
+        return task_not_found(task_id)
+    lease_ran_out = task.status is TaskStatus.QUEUED or (task.error or "").startswith(store.LEASE_EXPIRED)
+    if task.status is not TaskStatus.RUNNING and not lease_ran_out:
+        return _invalid_transition(task, "change")
+    return FailedPreconditionError(
+        f"task {task_id!r} is not leased to this worker (the lease expired or another worker holds it)",
+        reason="LEASE_LOST",
+    )
 
 
 def _has_expired_leases(now: datetime, conn: Connection) -> bool:

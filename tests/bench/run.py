@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
@@ -220,14 +221,31 @@ async def run(args: argparse.Namespace) -> tuple[list[tuple[Result, Result]], li
                 (await baseline(), await load("ListMessages (20/page)", address, list_messages, **measure))
             )
             results.append((await baseline(), await load("AddMessage", address, add, **measure)))
-            results.append((await baseline(), await with_watchers(address, target, args, get, auth)))
+
+            async def watch_messages(channel: aio.Channel, _: int) -> Any:
+                stub = pb_grpc.ConversationServiceStub(channel)
+                return stub.WatchMessages(pb.WatchMessagesRequest(conversation_id=target), metadata=auth)
+
+            watchers = f"GetConversation, {args.watchers} watchers open"
+            results.append(
+                (await baseline(), await while_streams_open(watchers, address, args, get, watch_messages))
+            )
             logins.append(await login_rate(address, 1, args.seconds))
             logins.append(await login_rate(address, 2, args.seconds))
             admin = await sign_in_admin(python, env, address)
             queue.append(await task_rate(address, auth, admin, 1, args.seconds))
             queue.append(await task_rate(address, auth, admin, 4, args.seconds))
             plain = await load("GetConversation, no task watchers", address, get, **measure)
-            watched = await with_task_watchers(address, auth, args, get)
+
+            async def watch_task(channel: aio.Channel, _: int) -> Any:
+                stub = tasks_grpc.TaskServiceStub(channel)
+                task = await stub.CreateTask(
+                    tasks_pb.CreateTaskRequest(type="watched", data=EMPTY), metadata=auth
+                )
+                return stub.WatchTask(tasks_pb.WatchTaskRequest(id=task.id), metadata=auth)
+
+            task_watchers = f"GetConversation, {args.watchers} WatchTask streams open"
+            watched = await while_streams_open(task_watchers, address, args, get, watch_task)
             queue.append(plain)
             queue.append(watched)
     return results, logins, queue
@@ -302,30 +320,6 @@ async def task_rate(
     return Result(f"Claim + complete, {workers} worker(s)", len(latencies), elapsed, latencies)
 
 
-async def with_task_watchers(
-    address: str,
-    auth: tuple[tuple[str, str], ...],
-    args: argparse.Namespace,
-    get: Callable[[aio.Channel, int], Callable[[], Awaitable[object]]],
-) -> Result:
-    """GetConversation while `args.watchers` WatchTask streams stay open on queued tasks."""
-    channels = [aio.insecure_channel(address) for _ in range(max(1, args.watchers // 100))]
-    stub = tasks_grpc.TaskServiceStub(channels[0])
-    streams = []
-    for i in range(args.watchers):
-        task = await stub.CreateTask(tasks_pb.CreateTaskRequest(type="watched", data=EMPTY), metadata=auth)
-        watcher = tasks_grpc.TaskServiceStub(channels[i % len(channels)])
-        streams.append(watcher.WatchTask(tasks_pb.WatchTaskRequest(id=task.id), metadata=auth))
-    await asyncio.sleep(1)  # let every stream reach the server
-    name = f"GetConversation, {args.watchers} WatchTask streams open"
-    result = await load(name, address, get, clients=args.clients, seconds=args.seconds, warmup=args.warmup)
-    for stream in streams:
-        stream.cancel()
-    for channel in channels:
-        await channel.close()
-    return result
-
-
 async def login_rate(address: str, callers: int, seconds: float) -> Result:
     """Sign-ins per second with `callers` concurrent callers (bcrypt dominates each one)."""
     channels = [aio.insecure_channel(address) for _ in range(callers)]
@@ -347,23 +341,20 @@ async def login_rate(address: str, callers: int, seconds: float) -> Result:
     return Result(f"Login, {callers} concurrent", len(latencies), elapsed, latencies)
 
 
-async def with_watchers(
+OpenStream = Callable[[aio.Channel, int], Awaitable[Any]]
+
+
+async def while_streams_open(
+    name: str,
     address: str,
-    conversation_id: str,
     args: argparse.Namespace,
     get: Callable[[aio.Channel, int], Callable[[], Awaitable[object]]],
-    auth: tuple[tuple[str, str], ...],
+    open_stream: OpenStream,
 ) -> Result:
-    """GetConversation while `args.watchers` WatchMessages streams stay open on the server."""
+    """GetConversation while `args.watchers` server streams, opened by `open_stream`, stay open."""
     channels = [aio.insecure_channel(address) for _ in range(max(1, args.watchers // 100))]
-    streams = []
-    for i in range(args.watchers):
-        stub = pb_grpc.ConversationServiceStub(channels[i % len(channels)])
-        streams.append(
-            stub.WatchMessages(pb.WatchMessagesRequest(conversation_id=conversation_id), metadata=auth)
-        )
+    streams = [await open_stream(channels[i % len(channels)], i) for i in range(args.watchers)]
     await asyncio.sleep(1)  # let every stream reach the server
-    name = f"GetConversation, {args.watchers} watchers open"
     result = await load(name, address, get, clients=args.clients, seconds=args.seconds, warmup=args.warmup)
     for stream in streams:
         stream.cancel()
