@@ -8,10 +8,10 @@
             conversation_service_pb2.CreateConversationRequest(title="Trip")
         )
 
-`crew.users` and `crew.conversations` are the generated stubs; every call through them carries
-`authorization: Bearer <access token>`. The token is refreshed shortly before it expires, and
-once more if the server says it has expired, with the refresh token (which rotates). What a
-tRPC client link does for a TypeScript app.
+`crew.users`, `crew.conversations`, `crew.tasks` and `crew.vectors` are the generated stubs;
+every call through them carries `authorization: Bearer <access token>`. The token is refreshed
+shortly before it expires, and once more if the server says it has expired, with the refresh
+token (which rotates). What a tRPC client link does for a TypeScript app.
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ from typing import Any, NamedTuple
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from crewdb.v1 import conversation_service_pb2_grpc, user_service_pb2, user_service_pb2_grpc
+from crewdb.v1 import (
+    conversation_service_pb2_grpc,
+    task_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+    vector_service_pb2_grpc,
+)
 
 # Refresh this many seconds before the access token would expire.
 REFRESH_MARGIN_SECONDS = 30.0
@@ -67,6 +73,8 @@ class Client:
         self.channel = grpc.intercept_channel(self._raw, _BearerInterceptor(self))
         self.users = user_service_pb2_grpc.UserServiceStub(self.channel)
         self.conversations = conversation_service_pb2_grpc.ConversationServiceStub(self.channel)
+        self.tasks = task_service_pb2_grpc.TaskServiceStub(self.channel)
+        self.vectors = vector_service_pb2_grpc.VectorServiceStub(self.channel)
 
     def register(self, email: str, username: str, password: str) -> user_service_pb2.User:
         request = user_service_pb2.RegisterRequest(email=email, username=username, password=password)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,16 @@ from typing import TypeVar
 T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EMBEDDERS = ("local", "ollama", "openai")
+# What each embedder uses when CREWDB_EMBEDDING_MODEL and CREWDB_EMBEDDER_URL are unset.
+DEFAULT_EMBEDDING_MODELS = {
+    "local": "all-MiniLM-L6-v2",
+    "ollama": "nomic-embed-text",
+    "openai": "text-embedding-3-small",
+}
+DEFAULT_EMBEDDER_URLS = {"ollama": "http://localhost:11434", "openai": "https://api.openai.com/v1"}
+# Chroma's rule for collection names (the owner's id is appended after a dot).
+_COLLECTION_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?!\.)){1,60}[A-Za-z0-9]")
 MIN_SECRET_BYTES = 32
 # Setting any of these means someone is deploying crewdb, not trying it on a laptop: then the
 # server must not make up its own JWT secret.
@@ -50,12 +61,25 @@ class Settings:
     db_read_threads: int = 4
     # Seconds that in-flight calls get to finish on SIGTERM before they are cancelled.
     shutdown_grace: float = 10.0
+    # The knowledge base: Chroma collection (prefix), chunking, and the embedding model.
+    chroma_collection: str = "agent-knowledge"
+    chunk_size: int = 1000
+    chunk_overlap: int = 200
+    embedder: str = "local"
+    embedding_model: str = "all-MiniLM-L6-v2"
+    embedder_url: str | None = None
+    embedder_api_key: str | None = field(default=None, repr=False)
+    embedder_timeout: float = 30.0
+    embedder_batch_size: int = 32
+    # Seconds a call to Chroma may take before the vector call fails with UNAVAILABLE.
+    vector_timeout: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Reads the environment (or any mapping); raises ConfigError listing every bad value."""
         parser = _Parser(env)
         default = cls()
+        embedder = parser.get("CREWDB_EMBEDDER", str.lower, default.embedder, _one_of(EMBEDDERS))
         settings = cls(
             host=parser.get("CREWDB_HOST", str, default.host, _non_empty),
             port=parser.get("CREWDB_PORT", int, default.port, _port(allow_zero=True)),
@@ -83,7 +107,36 @@ class Settings:
                 "CREWDB_REFRESH_GRACE_SECONDS", float, default.refresh_grace, _non_negative
             ),
             bcrypt_rounds=parser.get("CREWDB_BCRYPT_ROUNDS", int, default.bcrypt_rounds, _between(10, 16)),
+            chroma_collection=parser.get(
+                "CHROMA_COLLECTION", str, default.chroma_collection, _collection_name
+            ),
+            chunk_size=parser.get("CREWDB_CHUNK_SIZE", int, default.chunk_size, _between(100, 100_000)),
+            chunk_overlap=parser.get("CREWDB_CHUNK_OVERLAP", int, default.chunk_overlap, _between(0, 99_999)),
+            embedder=embedder,
+            embedding_model=parser.get(
+                "CREWDB_EMBEDDING_MODEL", str, DEFAULT_EMBEDDING_MODELS[embedder], _non_empty
+            ),
+            embedder_url=parser.get_optional("CREWDB_EMBEDDER_URL", str, _http_url)
+            or DEFAULT_EMBEDDER_URLS.get(embedder),
+            embedder_api_key=parser.get_optional("CREWDB_EMBEDDER_API_KEY", str),
+            embedder_timeout=parser.get(
+                "CREWDB_EMBEDDER_TIMEOUT", float, default.embedder_timeout, _positive
+            ),
+            embedder_batch_size=parser.get(
+                "CREWDB_EMBEDDER_BATCH_SIZE", int, default.embedder_batch_size, _between(1, 2048)
+            ),
+            vector_timeout=parser.get("CREWDB_VECTOR_TIMEOUT", float, default.vector_timeout, _positive),
         )
+        if settings.chunk_overlap >= settings.chunk_size:
+            parser.errors.append(
+                f"CREWDB_CHUNK_OVERLAP={settings.chunk_overlap}: must be less than CREWDB_CHUNK_SIZE "
+                f"({settings.chunk_size})"
+            )
+        if embedder == "local" and settings.embedding_model != DEFAULT_EMBEDDING_MODELS["local"]:
+            parser.errors.append(
+                f"CREWDB_EMBEDDING_MODEL={settings.embedding_model!r}: the local embedder runs only "
+                f"{DEFAULT_EMBEDDING_MODELS['local']!r}; set CREWDB_EMBEDDER=ollama or openai for others"
+            )
         if str(settings.database_path).startswith(":memory:") or not settings.database_path.name:
             parser.errors.append(f"DATABASE_PATH={env.get('DATABASE_PATH')!r}: expected a file path")
         if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < MIN_SECRET_BYTES:
@@ -165,6 +218,23 @@ def _positive(value: float) -> str | None:
 
 def _non_negative(value: float) -> str | None:
     return None if 0 <= value != float("inf") else "expected a number of 0 or more"
+
+
+def _one_of(choices: tuple[str, ...]) -> Check[str]:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"expected one of {', '.join(choices)}"
+
+    return check
+
+
+def _collection_name(value: str) -> str | None:
+    if _COLLECTION_NAME.fullmatch(value):
+        return None
+    return "expected 3 to 62 letters, digits, '.', '_' or '-', starting and ending with a letter or digit"
+
+
+def _http_url(value: str) -> str | None:
+    return None if value.startswith(("http://", "https://")) else "expected an http:// or https:// URL"
 
 
 def _log_level(value: str) -> str | None:

@@ -195,3 +195,79 @@ class Task:
 class QueueStats:
     counts: dict[TaskStatus, int]
     oldest_queued_age_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A knowledge-base document; `text` is empty in listings."""
+
+    id: str
+    owner_id: str
+    title: str
+    metadata: JsonObject
+    text: str
+    chunk_count: int
+    char_count: int
+    revision: int
+    embedding_model: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewDocument:
+    """A document as a caller hands it in, before it is checked and chunked."""
+
+    id: str
+    text: str
+    title: str
+    metadata: JsonObject
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One piece of a document: `text == document.text[start:end]`, in characters (code points)."""
+
+    index: int
+    start: int
+    end: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class AddedDocument:
+    id: str
+    chunk_count: int
+    replaced: bool
+
+
+class SearchMode(StrEnum):
+    SEMANTIC = "semantic"
+    KEYWORD = "keyword"
+    HYBRID = "hybrid"
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHit:
+    """A chunk found by a knowledge-base search; `score` is in [0, 1], higher is closer."""
+
+    document_id: str
+    chunk_index: int
+    start: int
+    end: int
+    text: str
+    score: float
+    title: str
+    metadata: JsonObject
+
+
+@dataclass(frozen=True, slots=True)
+class VectorStats:
+    documents: int
+    chunks: int
+    embedding_model: str
+    dimension: int
+    collection: str
+    distance: str
+    chunk_size: int
+    chunk_overlap: int

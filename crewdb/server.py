@@ -20,6 +20,7 @@ from crewdb.api.health import HealthReporter
 from crewdb.api.middleware import mount
 from crewdb.api.tasks import TaskServicer
 from crewdb.api.users import UserServicer
+from crewdb.api.vectors import VectorServicer
 from crewdb.clock import Clock
 from crewdb.config import MIN_SECRET_BYTES, Settings
 from crewdb.db.engine import Database
@@ -27,12 +28,16 @@ from crewdb.db.migrate import open_database
 from crewdb.errors import FailedPreconditionError
 from crewdb.services.conversations import ConversationService
 from crewdb.services.events import MessageEvents
+from crewdb.services.knowledge import KnowledgeBase
 from crewdb.services.pagination import PageTokens
 from crewdb.services.passwords import PasswordHasher
 from crewdb.services.tasks import TaskEvents, TaskService
 from crewdb.services.tokens import AccessTokens
 from crewdb.services.users import Accounts
-from crewdb.v1 import conversation_service_pb2, task_service_pb2, user_service_pb2
+from crewdb.v1 import conversation_service_pb2, task_service_pb2, user_service_pb2, vector_service_pb2
+from crewdb.vectors.chunking import Chunker
+from crewdb.vectors.embedders import Embedder, HttpEmbedder, LocalEmbedder
+from crewdb.vectors.store import VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ CONVERSATION_DESCRIPTOR = conversation_service_pb2.DESCRIPTOR.services_by_name["
 CONVERSATION_SERVICE = CONVERSATION_DESCRIPTOR.full_name
 USER_DESCRIPTOR = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
 TASK_DESCRIPTOR = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"]
+VECTOR_DESCRIPTOR = vector_service_pb2.DESCRIPTOR.services_by_name["VectorService"]
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _SERVER_OPTIONS = [
@@ -70,6 +76,8 @@ class App:
     events: MessageEvents
     hasher: PasswordHasher
     accounts: Accounts
+    knowledge: KnowledgeBase
+    vectors: VectorStore
     background: list[asyncio.Task[None]]
 
     async def stop(self, grace: float | None) -> None:
@@ -81,6 +89,8 @@ class App:
         self.events.close()
         await self.server.stop(grace)
         self.hasher.close()
+        await asyncio.to_thread(self.knowledge.close)
+        await asyncio.to_thread(self.vectors.close)
         await asyncio.to_thread(self.db.close)
 
 
@@ -128,6 +138,34 @@ def jwt_secret(settings: Settings) -> str:
     return secret
 
 
+def build_embedder(settings: Settings) -> Embedder:
+    """The configured embedding model; the in-process one loads on first use."""
+    if settings.embedder == "local":
+        return LocalEmbedder()
+    return HttpEmbedder(
+        kind=settings.embedder,
+        url=settings.embedder_url or "",
+        model_name=settings.embedding_model,
+        timeout=settings.embedder_timeout,
+        batch_size=settings.embedder_batch_size,
+        api_key=settings.embedder_api_key,
+    )
+
+
+def build_vector_store(settings: Settings) -> VectorStore:
+    """Chroma embedded at VECTOR_DB_PATH, or the server at CHROMA_HOST; connects on first use."""
+    if settings.chroma_host:
+        return VectorStore(
+            collection=settings.chroma_collection,
+            host=settings.chroma_host,
+            port=settings.chroma_port,
+            timeout=settings.vector_timeout,
+        )
+    return VectorStore(
+        collection=settings.chroma_collection, path=settings.vector_db_path, timeout=settings.vector_timeout
+    )
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -166,12 +204,27 @@ async def build_server(settings: Settings) -> App:
     )
     conversations = ConversationService(db, events, page_tokens, clock)
     tasks = TaskService(db, TaskEvents(), page_tokens, clock)
+    vectors = build_vector_store(settings)
+    knowledge = KnowledgeBase(
+        db,
+        vectors,
+        build_embedder(settings),
+        chunker=Chunker(settings.chunk_size, settings.chunk_overlap),
+        page_tokens=page_tokens,
+        clock=clock,
+    )
 
     server = aio.server(options=_SERVER_OPTIONS)
     mount(server, UserServicer(accounts), USER_DESCRIPTOR, accounts.authenticate)
     mount(server, ConversationServicer(conversations), CONVERSATION_DESCRIPTOR, accounts.authenticate)
     mount(server, TaskServicer(tasks), TASK_DESCRIPTOR, accounts.authenticate)
-    services = [USER_DESCRIPTOR.full_name, CONVERSATION_SERVICE, TASK_DESCRIPTOR.full_name]
+    mount(server, VectorServicer(knowledge), VECTOR_DESCRIPTOR, accounts.authenticate)
+    services = [
+        USER_DESCRIPTOR.full_name,
+        CONVERSATION_SERVICE,
+        TASK_DESCRIPTOR.full_name,
+        VECTOR_DESCRIPTOR.full_name,
+    ]
     reporter = HealthReporter(server, db.ping, services, settings.health_check_interval)
     reflection.enable(server, [*services, health.SERVICE_NAME])
 
@@ -186,6 +239,8 @@ async def build_server(settings: Settings) -> App:
     if port == 0:
         db.close()
         hasher.close()
+        knowledge.close()
+        vectors.close()
         raise StartupError(
             f"cannot listen on {address}: the address is in use or not available "
             "(set CREWDB_PORT or --port to another port)"
@@ -202,6 +257,8 @@ async def build_server(settings: Settings) -> App:
         events=events,
         hasher=hasher,
         accounts=accounts,
+        knowledge=knowledge,
+        vectors=vectors,
         background=background,
     )
 

@@ -10,8 +10,10 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from crewdb.errors import FieldViolation, InvalidArgumentError
 from crewdb.models import (
+    ChunkHit,
     Conversation,
     ConversationStats,
+    Document,
     ExportDocument,
     ExportFormat,
     JsonObject,
@@ -19,6 +21,7 @@ from crewdb.models import (
     MessageRole,
     QueueStats,
     SearchHit,
+    SearchMode,
     Session,
     Task,
     TaskStatus,
@@ -29,6 +32,7 @@ from crewdb.models import (
 from crewdb.v1 import conversation_service_pb2 as pb
 from crewdb.v1 import task_service_pb2 as tasks_pb
 from crewdb.v1 import user_service_pb2 as users_pb
+from crewdb.v1 import vector_service_pb2 as vectors_pb
 
 _ROLE_TO_PROTO = {
     MessageRole.USER: pb.MESSAGE_ROLE_USER,
@@ -270,4 +274,54 @@ def queue_stats(record: QueueStats) -> tasks_pb.QueueStats:
         failed=record.counts[TaskStatus.FAILED],
         cancelled=record.counts[TaskStatus.CANCELLED],
         oldest_queued_age_seconds=record.oldest_queued_age_seconds,
+    )
+
+
+_SEARCH_MODES: dict[int, SearchMode] = {
+    vectors_pb.SEARCH_MODE_UNSPECIFIED: SearchMode.SEMANTIC,
+    vectors_pb.SEARCH_MODE_SEMANTIC: SearchMode.SEMANTIC,
+    vectors_pb.SEARCH_MODE_KEYWORD: SearchMode.KEYWORD,
+    vectors_pb.SEARCH_MODE_HYBRID: SearchMode.HYBRID,
+}
+
+
+def search_mode(number: int) -> SearchMode:
+    """Raises InvalidArgumentError for a mode this server does not know."""
+    mode = _SEARCH_MODES.get(number)
+    if mode is None:
+        raise InvalidArgumentError.of([FieldViolation("mode", f"unknown search mode {number}")])
+    return mode
+
+
+def _struct(value: JsonObject) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    return struct
+
+
+def chunk_hit(hit: ChunkHit) -> vectors_pb.ChunkResult:
+    return vectors_pb.ChunkResult(
+        document_id=hit.document_id,
+        chunk_id=f"{hit.document_id}#{hit.chunk_index}",
+        text=hit.text,
+        score=hit.score,
+        metadata=_struct(hit.metadata),
+        chunk_index=hit.chunk_index,
+        start=hit.start,
+        end=hit.end,
+        title=hit.title,
+    )
+
+
+def document(record: Document) -> vectors_pb.Document:
+    return vectors_pb.Document(
+        id=record.id,
+        title=record.title,
+        metadata=_struct(record.metadata),
+        text=record.text,
+        chunk_count=record.chunk_count,
+        char_count=record.char_count,
+        embedding_model=record.embedding_model,
+        created_at=timestamp(record.created_at),
+        updated_at=timestamp(record.updated_at),
     )

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Column,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -131,4 +132,43 @@ tasks = Table(
     Index("idx_tasks_ready", "status", text("priority DESC"), "created_at", "id"),
     Index("idx_tasks_owner_created", "owner_id", "created_at", "id"),
     Index("uq_tasks_owner_dedup", "owner_id", "dedup_key", unique=True),
+)
+
+# The knowledge base (migration 0007). `documents` is the source of truth for what exists; the
+# chunks' vectors live in ChromaDB, their text also here for keyword search (SQLite FTS5 table
+# `document_chunks_fts` over `document_chunks.text`, kept in step by triggers; created by the
+# migration, not described here, since it is a SQLite virtual table).
+documents = Table(
+    "documents",
+    metadata,
+    Column("owner_id", Text, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("id", Text, primary_key=True),
+    Column("title", Text, nullable=False, server_default=text("''")),
+    Column("metadata", Text, nullable=False, server_default=text("'{}'")),
+    Column("text", Text, nullable=False),
+    Column("chunk_count", Integer, nullable=False),
+    Column("char_count", Integer, nullable=False),
+    # Bumped on every replacement; the chunks in Chroma carry it, so chunks of an older version
+    # (left by a replacement that failed half-way) are never returned.
+    Column("revision", Integer, nullable=False),
+    Column("embedding_model", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    Index("idx_documents_owner_updated", "owner_id", "updated_at", "id"),
+)
+
+document_chunks = Table(
+    "document_chunks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("owner_id", Text, nullable=False),
+    Column("document_id", Text, nullable=False),
+    Column("chunk_index", Integer, nullable=False),
+    Column("start_offset", Integer, nullable=False),
+    Column("end_offset", Integer, nullable=False),
+    Column("text", Text, nullable=False),
+    ForeignKeyConstraint(
+        ["owner_id", "document_id"], ["documents.owner_id", "documents.id"], ondelete="CASCADE"
+    ),
+    Index("uq_document_chunks_position", "owner_id", "document_id", "chunk_index", unique=True),
 )

