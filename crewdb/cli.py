@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from crewdb.clock import Clock
 from crewdb.config import ConfigError, Settings
@@ -54,6 +55,27 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="read the password from standard input (never from the command line, which `ps` shows)",
     )
+    ingest = commands.add_parser(
+        "ingest",
+        help="add .txt/.md files (folders recursively) to a running server's knowledge base",
+        description="Each file becomes a document whose id is its path; ingesting again replaces it.",
+    )
+    ingest.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    ingest.add_argument("--username", required=True, help="the account that will own the documents")
+    ingest.add_argument(
+        "--password-stdin", action="store_true", required=True, help="read the password from standard input"
+    )
+    ingest.add_argument("--host", help="server address (env CREWDB_HOST; 0.0.0.0 means this machine)")
+    ingest.add_argument("--port", type=_port, help="server port (env CREWDB_PORT)")
+    ingest.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        choices=range(1, 101),
+        metavar="1-100",
+        help="documents per call",
+    )
+    ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -75,32 +97,37 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print(f"crewdb: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.logging_level)
-
     if args.command == "serve":
-        overrides = {name: value for name in ("host", "port") if (value := getattr(args, name)) is not None}
-        if "host" in overrides:
-            overrides["embedded_defaults"] = False  # choosing where to listen is deploying
-        settings = settings.replace(**overrides)
-        try:
-            asyncio.run(serve(settings))
-        except StartupError as error:
-            log.error("%s", error)
-            return 1
-        return 0
-
+        return _serve(settings, args)
     if args.command == "migrate":
-        try:
-            engine, before, after = open_database(settings.database_path)
-        except CrewdbError as error:
-            log.error("DATABASE_PATH=%s: %s", settings.database_path, error.message)
-            return 1
-        engine.dispose()
-        print(f"database {settings.database_path}: {before or 'empty'} -> {after}")
-        return 0
+        return _migrate(settings)
+    password = sys.stdin.readline().rstrip("\r\n")
     if args.command == "create-admin":
-        password = sys.stdin.readline().rstrip("\r\n")
         return _create_admin(settings, args.email, args.username, password)
-    raise AssertionError(args.command)  # argparse allows only the commands above
+    return _ingest(settings, args, password)
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    overrides = {name: value for name in ("host", "port") if (value := getattr(args, name)) is not None}
+    if "host" in overrides:
+        overrides["embedded_defaults"] = False  # choosing where to listen is deploying
+    try:
+        asyncio.run(serve(settings.replace(**overrides)))
+    except StartupError as error:
+        log.error("%s", error)
+        return 1
+    return 0
+
+
+def _migrate(settings: Settings) -> int:
+    try:
+        engine, before, after = open_database(settings.database_path)
+    except CrewdbError as error:
+        log.error("DATABASE_PATH=%s: %s", settings.database_path, error.message)
+        return 1
+    engine.dispose()
+    print(f"database {settings.database_path}: {before or 'empty'} -> {after}")
+    return 0
 
 
 def _create_admin(settings: Settings, email: str, username: str, password: str) -> int:
@@ -129,6 +156,27 @@ def _create_admin(settings: Settings, email: str, username: str, password: str) 
         db.close()
     print(f"created admin {user.username} <{user.email}> with id {user.id}")
     return 0
+
+
+def _ingest(settings: Settings, args: argparse.Namespace, password: str) -> int:
+    import grpc  # noqa: PLC0415 - only this command is a client
+
+    from crewdb.client import Client  # noqa: PLC0415
+    from crewdb.ingest import describe, ingest  # noqa: PLC0415
+
+    host = args.host or settings.host
+    target = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{args.port or settings.port}"  # noqa: S104
+    try:
+        with Client(target) as client:
+            client.login(args.username, password)
+            outcome = ingest(client, args.paths, batch_size=args.batch_size, progress=not args.no_progress)
+    except grpc.RpcError as error:
+        log.error("ingest into %s failed: %s", target, describe(error))
+        return 1
+    for path, reason in outcome.skipped:
+        log.warning("skipped %s: %s", path, reason)
+    print(f"ingested {outcome.files} files ({outcome.chunks} chunks); skipped {len(outcome.skipped)}")
+    return 1 if outcome.skipped else 0
 
 
 if __name__ == "__main__":
