@@ -1,0 +1,301 @@
+"""VectorService against a real `chroma run` server: the HTTP path, its outages and its recovery."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import chromadb
+import grpc
+import pytest
+from chromadb.config import Settings as ChromaSettings
+
+from crewdb.client import Client
+from crewdb.config import Settings
+from crewdb.v1 import conversation_service_pb2 as conversation_pb
+from crewdb.v1 import user_service_pb2
+from crewdb.v1 import vector_service_pb2 as pb
+from crewdb.v1.vector_service_pb2_grpc import VectorServiceStub
+from tests.conftest import RunningServer, sign_in, start_server
+from tests.rpc_errors import failure
+
+pytestmark = pytest.mark.slow
+
+CHROMA = Path(sys.executable).with_name("chroma")
+HOST = "127.0.0.1"
+VECTOR_TIMEOUT = 3.0
+# Every call gets this deadline; a call failing on a down Chroma must return well before it.
+DEADLINE = 10.0
+QUICKLY = VECTOR_TIMEOUT + 2.0
+STARTUP_TIMEOUT = 30.0
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+VECTOR_STORE_UNAVAILABLE = "VECTOR_STORE_UNAVAILABLE"
+
+DOCUMENTS = {
+    "bread": "Knead the dough for ten minutes, let it rise for an hour, then bake the loaf at 220 degrees.",
+    "tides": "The moon's gravity pulls the oceans, so the sea rises and falls twice a day along the coast.",
+    "python": "A Python list comprehension builds a new list by applying an expression to each item.",
+}
+BREAD_QUERY = "how long should I bake homemade bread in the oven"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ChromaServer:
+    """A `chroma run` subprocess on a fixed port and data folder, so it can be stopped and started again."""
+
+    def __init__(self, path: Path, port: int, log: Path) -> None:
+        self.path = path
+        self.port = port
+        self.log = log
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> None:
+        """Starts the server and waits until its heartbeat answers."""
+        assert self._process is None, "already running"
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen(
+                [str(CHROMA), "run", "--path", str(self.path), "--host", HOST, "--port", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not self._answers():
+            if self._process.poll() is not None:
+                raise RuntimeError(f"chroma exited with {self._process.returncode}: {self._log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"chroma did not answer in {STARTUP_TIMEOUT:g}s: {self._log_tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stops the server (SIGTERM, then SIGKILL) and waits until its port refuses connections."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        assert not self._answers(), "chroma still answers after it stopped"
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def client(self) -> chromadb.api.ClientAPI:
+        """A separate Chroma client, to see what crewdb really stored."""
+        return chromadb.HttpClient(host=HOST, port=self.port, settings=ChromaSettings(anonymized_telemetry=False))
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v2/heartbeat", timeout=1) as reply:  # noqa: S310 - fixed http URL
+                return reply.status == 200  # type: ignore[no-any-return]
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:]
+
+
+@pytest.fixture
+def chroma_server(tmp_path: Path) -> Iterator[ChromaServer]:
+    """A Chroma server on its own port and folder, not yet started."""
+    server = ChromaServer(tmp_path / "chroma", _free_port(), tmp_path / "chroma.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def chroma(chroma_server: ChromaServer) -> ChromaServer:
+    """The Chroma server, running."""
+    chroma_server.start()
+    return chroma_server
+
+
+def _crewdb_settings(settings: Settings, chroma: ChromaServer) -> Settings:
+    return settings.replace(chroma_host=HOST, chroma_port=chroma.port, vector_timeout=VECTOR_TIMEOUT)
+
+
+@pytest.fixture
+def crewdb(settings: Settings, chroma: ChromaServer) -> Iterator[RunningServer]:
+    """crewdb using the running Chroma server."""
+    running, stop = start_server(_crewdb_settings(settings, chroma))
+    try:
+        yield running
+    finally:
+        stop()
+
+
+@pytest.fixture
+def alice(crewdb: RunningServer) -> Iterator[Client]:
+    client = sign_in(crewdb, "alice")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _user_id(client: Client) -> str:
+    me: user_service_pb2.User = client.users.GetMe(user_service_pb2.GetMeRequest(), timeout=DEADLINE)
+    return me.id
+
+
+def _add(vectors: VectorServiceStub, documents: dict[str, str]) -> pb.AddDocumentsResponse:
+    request = pb.AddDocumentsRequest(
+        documents=[pb.DocumentInput(id=id_, text=text, title=id_.title()) for id_, text in documents.items()]
+    )
+    response: pb.AddDocumentsResponse = vectors.AddDocuments(request, timeout=DEADLINE)
+    return response
+
+
+def _search(vectors: VectorServiceStub, query: str = BREAD_QUERY) -> list[str]:
+    """The document ids of a semantic search's results, best first."""
+    request = pb.SearchRequest(query=query, top_k=3, mode=pb.SEARCH_MODE_SEMANTIC)
+    response: pb.SearchResponse = vectors.Search(request, timeout=DEADLINE)
+    return [result.document_id for result in response.results]
+
+
+def _stats(vectors: VectorServiceStub) -> tuple[int, int]:
+    stats: pb.VectorStats = vectors.GetVectorStats(pb.GetVectorStatsRequest(), timeout=DEADLINE)
+    return stats.documents, stats.chunks
+
+
+def _stored_chunks(chroma: ChromaServer, collection: str) -> int:
+    return chroma.client().get_collection(collection).count()
+
+
+def _assert_vector_store_unavailable(vectors: VectorServiceStub) -> None:
+    """Search and AddDocuments both fail with UNAVAILABLE/VECTOR_STORE_UNAVAILABLE, well inside their deadline."""
+    calls = {
+        "Search": lambda: _search(vectors),
+        "AddDocuments": lambda: _add(vectors, {"outage": "Written while the vector store was down."}),
+    }
+    for name, call in calls.items():
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        elapsed = time.monotonic() - started
+        failed = failure(caught.value)
+        assert (failed.code, failed.reason) == (UNAVAILABLE, VECTOR_STORE_UNAVAILABLE), name
+        assert elapsed < QUICKLY, f"{name} took {elapsed:.1f}s to fail (deadline {DEADLINE:g}s)"
+
+
+def test_documents_are_added_searched_counted_and_deleted_in_the_chroma_server(
+    chroma: ChromaServer, alice: Client
+) -> None:
+    added = _add(alice.vectors, DOCUMENTS)
+    assert [(d.id, d.chunk_count, d.replaced) for d in added.documents] == [
+        (id_, 1, False) for id_ in DOCUMENTS
+    ]
+    collection = f"agent-knowledge.{_user_id(alice)}"
+    assert _stored_chunks(chroma, collection) == 3
+
+    assert _search(alice.vectors)[0] == "bread"
+    assert _search(alice.vectors, "why does the ocean go up and down")[0] == "tides"
+    stats: pb.VectorStats = alice.vectors.GetVectorStats(pb.GetVectorStatsRequest(), timeout=DEADLINE)
+    assert (stats.documents, stats.chunks, stats.collection, stats.distance) == (
+        3,
+        3,
+        "agent-knowledge",
+        "cosine",
+    )
+
+    deleted: pb.DeleteDocumentsResponse = alice.vectors.DeleteDocuments(
+        pb.DeleteDocumentsRequest(ids=["bread"]), timeout=DEADLINE
+    )
+    assert list(deleted.deleted_ids) == ["bread"]
+    assert _stored_chunks(chroma, collection) == 2
+    assert _stats(alice.vectors) == (2, 2)
+    assert "bread" not in _search(alice.vectors)
+
+
+def test_while_chroma_is_down_vector_calls_are_unavailable_and_conversations_keep_working(
+    chroma: ChromaServer, alice: Client
+) -> None:
+    _add(alice.vectors, DOCUMENTS)
+    assert _search(alice.vectors)[0] == "bread"  # the model is loaded, so only Chroma can be slow
+    collection = f"agent-knowledge.{_user_id(alice)}"
+
+    chroma.stop()
+    _assert_vector_store_unavailable(alice.vectors)
+    conversation: conversation_pb.Conversation = alice.conversations.CreateConversation(
+        conversation_pb.CreateConversationRequest(title="During the outage"), timeout=DEADLINE
+    )
+    message: conversation_pb.Message = alice.conversations.AddMessage(
+        conversation_pb.AddMessageRequest(
+            conversation_id=conversation.id, role=conversation_pb.MESSAGE_ROLE_USER, content="still here?"
+        ),
+        timeout=DEADLINE,
+    )
+    assert message.content == "still here?"
+    assert _stats(alice.vectors) == (3, 3)
+
+    chroma.start()
+    with pytest.raises(grpc.RpcError) as caught:
+        alice.vectors.GetDocument(pb.GetDocumentRequest(id="outage"), timeout=DEADLINE)
+    assert (failure(caught.value).code, failure(caught.value).reason) == (
+        grpc.StatusCode.NOT_FOUND,
+        "DOCUMENT_NOT_FOUND",
+    )
+    assert _stats(alice.vectors) == (3, 3)
+    assert _stored_chunks(chroma, collection) == 3
+
+
+@pytest.mark.parametrize(
+    "call_during_outage", [True, False], ids=["after-a-failed-call", "without-a-call-during-the-outage"]
+)
+def test_search_finds_earlier_documents_once_chroma_restarts_without_restarting_crewdb(
+    chroma: ChromaServer, alice: Client, call_during_outage: bool
+) -> None:
+    _add(alice.vectors, DOCUMENTS)
+    assert _search(alice.vectors)[0] == "bread"
+
+    chroma.stop()
+    if call_during_outage:
+        _assert_vector_store_unavailable(alice.vectors)
+    chroma.start()
+
+    assert _search(alice.vectors)[0] == "bread"
+    assert _search(alice.vectors, "why does the ocean go up and down")[0] == "tides"
+    _add(alice.vectors, {"rust": "Rust's borrow checker rejects code that would let two owners mutate data."})
+    assert _stats(alice.vectors) == (4, 4)
+
+
+def test_crewdb_starts_while_chroma_is_down_and_uses_it_once_it_comes_up(
+    settings: Settings, chroma_server: ChromaServer
+) -> None:
+    started = time.monotonic()
+    running, stop = start_server(_crewdb_settings(settings, chroma_server))
+    try:
+        assert time.monotonic() - started < QUICKLY, "startup waited for Chroma"
+        alice = sign_in(running, "alice")
+        try:
+            _assert_vector_store_unavailable(alice.vectors)
+
+            chroma_server.start()
+            _add(alice.vectors, DOCUMENTS)
+            assert _search(alice.vectors)[0] == "bread"
+            assert _stored_chunks(chroma_server, f"agent-knowledge.{_user_id(alice)}") == 3
+        finally:
+            alice.close()
+    finally:
+        stop()
