@@ -36,7 +36,7 @@ from crewdb.services.pagination import PageTokens, check_page_size, page_size
 from crewdb.services.validation import raise_if
 from crewdb.vectors.chunking import Chunker
 from crewdb.vectors.embedders import Embedder, Vector
-from crewdb.vectors.filters import Scalar, Where, check_metadata, to_where
+from crewdb.vectors.filters import Scalar, Where, check_metadata, stored_metadata, to_where
 from crewdb.vectors.store import StoredChunk, VectorStore
 
 log = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ def _chunk_metadata(document: Document, chunk: Chunk) -> dict[str, Scalar]:
         "_start": chunk.start,
         "_end": chunk.end,
     }
-    return {**document.metadata, **reserved}
+    return {**stored_metadata(document.metadata), **reserved}
 
 
 def _document_of(chunk: StoredChunk) -> str:

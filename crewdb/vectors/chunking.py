@@ -18,11 +18,12 @@ _WORD_STARTS = re.compile(r"\s+")
 class Chunker:
     """Chunks of at most `size` characters; neighbours share at most `overlap` of them.
 
-    A chunk ends at the last sentence start that leaves it at least half full, else at the last
-    word start, else mid-word at `size`. The next chunk begins at the first sentence (else word)
-    start within the previous chunk's last `overlap` characters. Every character is in some
-    chunk, and each chunk starts at least `(size - overlap) // 2` characters after the one
-    before, so any input ends in at most about `2 * len(text) / (size - overlap)` chunks.
+    A chunk ends at the last sentence start that leaves it at least half full (and reaches past
+    the previous chunk), else at the last word start, else mid-word at `size`. The next chunk
+    begins at the first sentence (else word) start within the previous chunk's last `overlap`
+    characters. Every character is in some chunk, and each chunk starts at least
+    `(size - overlap) // 2` characters after the one before, so any input ends in at most about
+    `2 * len(text) / (size - overlap)` chunks.
     """
 
     size: int = 1000
@@ -45,13 +46,15 @@ class Chunker:
         words = [m.end() for m in _WORD_STARTS.finditer(text)]
         least_step = max(1, (self.size - self.overlap) // 2)
         chunks: list[Chunk] = []
-        start = 0
+        start = end = 0
         while True:
             limit = start + self.size
             if limit >= length:
                 end = length
             else:
-                lowest = start + max(1, self.size // 2)
+                # At least half full, and past the previous chunk's end (a chunk inside its
+                # predecessor would add nothing but a duplicate).
+                lowest = max(start + max(1, self.size // 2), end + 1)
                 end = _last(sentences, lowest, limit) or _last(words, lowest, limit) or limit
             chunks.append(Chunk(len(chunks), start, end, text[start:end]))
             if end >= length:

@@ -268,12 +268,13 @@ class HttpEmbedder:
             raise unavailable(
                 f"embedding server {self.url} returned {len(vectors)} vectors for {expected} texts"
             )
+        dimension = self._dimension or len(vectors[0])
         for vector in vectors:
-            if not vector or (self._dimension is not None and len(vector) != self._dimension):
+            if not vector or len(vector) != dimension:
                 raise unavailable(f"embedding server {self.url} returned vectors of differing lengths")
-            self._dimension = len(vector)
             norm = math.sqrt(sum(x * x for x in vector))
             if not math.isfinite(norm) or norm == 0:
                 raise unavailable(f"embedding server {self.url} returned a zero or non-finite vector")
             vector[:] = [x / norm for x in vector]
+        self._dimension = dimension  # learnt from the first answer that passed every check
         return vectors

@@ -1,9 +1,10 @@
 """Checks chunk metadata and turns filters into ChromaDB `where` clauses, naming bad fields (vectors layer).
 
-Metadata is flat: string, number or boolean values. A filter is ChromaDB's `where` language
-over it: `{"topic": "billing", "year": {"$gte": 2020}}`, with `$and`/`$or` lists; several keys
-in one object, or several operators on one key, mean AND. Chroma itself accepts only one key
-per object and at least two items per `$and`/`$or`, so filters are normalised to that shape.
+Metadata is flat: string, number or boolean values (numbers are stored and compared as floats).
+A filter is ChromaDB's `where` language over it: `{"topic": "billing", "year": {"$gte": 2020}}`,
+with `$and`/`$or` lists; several keys in one object, or several operators on one key, mean AND.
+Chroma itself accepts only one key per object and at least two items per `$and`/`$or`, so
+filters are normalised to that shape.
 """
 
 from __future__ import annotations
@@ -107,11 +108,29 @@ class _WhereBuilder:
             problem = f"unknown operator; expected one of {known}"
         if problem:
             return self._fail(path, problem)
-        return {key: {operator: operand}}
+        return {
+            key: {operator: [_stored(x) for x in operand] if isinstance(operand, list) else _stored(operand)}
+        }
 
     def _fail(self, path: str, description: str) -> Where:
         self.violations.append(FieldViolation(path, description))
         return {}
+
+
+def stored_metadata(metadata: JsonObject) -> dict[str, Scalar]:
+    """Metadata as it is stored on chunks in Chroma: every number a float (see `_stored`)."""
+    return {key: _stored(value) for key, value in metadata.items()}
+
+
+def _stored(value: Any) -> Any:
+    """Numbers become floats, in metadata and in filters alike.
+
+    Chroma compares an integer field with a fractional operand by truncating the operand
+    (`{"year": 2024.5}` matches 2024, and `$lt 2024.5` misses it) and refuses `$in` lists that
+    mix ints and floats. API numbers are doubles anyway (google.protobuf.Struct), so storing and
+    comparing floats loses nothing and keeps comparisons exact.
+    """
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _all_of(parts: list[Where]) -> Where:

@@ -36,6 +36,7 @@ from crewdb.v1 import task_service_pb2_grpc as tasks_grpc
 from crewdb.v1 import user_service_pb2 as users_pb
 from crewdb.v1 import user_service_pb2_grpc as users_grpc
 from tests.bench.echo_server import METHOD as ECHO_METHOD
+from tests.bench.vectors import VECTOR_READING, report_vectors, run_vectors
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "docs" / "benchmarks.md"
@@ -461,9 +462,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--watchers", type=int, default=500)
     parser.add_argument("--no-write", action="store_true", help="print only; keep docs/benchmarks.md")
+    parser.add_argument("--only-vectors", action="store_true", help="the knowledge base part alone (printed)")
     args = parser.parse_args()
+    if args.only_vectors:
+        print("\n".join(report_vectors(asyncio.run(run_vectors()))))
+        return
     results, logins, queue = asyncio.run(run(args))
-    text = report(results, logins, queue, args)
+    vectors = asyncio.run(run_vectors())
+    text = report(results, logins, queue, args) + "\n".join(report_vectors(vectors)) + "\n" + VECTOR_READING
     print(text)
     if not args.no_write:
         REPORT.write_text(text)

@@ -1,4 +1,4 @@
-"""`crewdb ingest` loads .txt/.md files into a running server as the signed-in account; re-running replaces."""
+"""`crewdb ingest` loads .txt/.md files into a running server as the signed-in account; again replaces."""
 
 from __future__ import annotations
 
