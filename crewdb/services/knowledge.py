@@ -36,7 +36,14 @@ from crewdb.services.pagination import PageTokens, check_page_size, page_size
 from crewdb.services.validation import raise_if
 from crewdb.vectors.chunking import Chunker
 from crewdb.vectors.embedders import Embedder, Vector
-from crewdb.vectors.filters import Scalar, Where, check_metadata, stored_metadata, to_where
+from crewdb.vectors.filters import (
+    Scalar,
+    Where,
+    check_metadata,
+    has_control_characters,
+    stored_metadata,
+    to_where,
+)
 from crewdb.vectors.store import StoredChunk, VectorStore
 
 log = logging.getLogger(__name__)
@@ -402,7 +409,7 @@ def _id_violations(field: str, value: str) -> list[FieldViolation]:
         return [FieldViolation(field, "required")]
     if len(value) > MAX_DOCUMENT_ID:
         return [FieldViolation(field, f"at most {MAX_DOCUMENT_ID} characters")]
-    if not value.isprintable():
+    if has_control_characters(value):
         return [FieldViolation(field, "must not contain control characters")]
     return []
 

@@ -10,6 +10,7 @@ filters are normalised to that shape.
 from __future__ import annotations
 
 import math
+import unicodedata
 from typing import Any
 
 from crewdb.errors import FieldViolation
@@ -142,9 +143,15 @@ def _key_problem(key: str) -> str | None:
         return f"keys must be 1 to {MAX_KEY_LENGTH} characters"
     if key.startswith(RESERVED_PREFIXES):
         return f"keys must not start with {' or '.join(repr(p) for p in RESERVED_PREFIXES)} (reserved)"
-    if not key.isprintable():
+    if has_control_characters(key):
         return "keys must not contain control characters"
     return None
+
+
+def has_control_characters(text: str) -> bool:
+    """True for C0/C1 control characters (Unicode category Cc); spaces, emoji joiners and the
+    like are fine."""
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
 def _is_number(value: object) -> bool:
