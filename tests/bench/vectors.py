@@ -238,7 +238,7 @@ async def run_vectors() -> VectorResults:
                 repeats = 60
 
                 async def crewdb_search(
-                    auth: Any, mode: int = pb.SEARCH_MODE_SEMANTIC
+                    auth: Any, mode: pb.SearchMode.ValueType = pb.SEARCH_MODE_SEMANTIC
                 ) -> Callable[[], Awaitable[object]]:
                     counter = iter(range(10**9))
 
@@ -347,10 +347,10 @@ def report_vectors(results: VectorResults) -> list[str]:
         "| search (top 10) | p50 ms | p99 ms | baseline | baseline p50 ms | p50 ratio to baseline |",
         "| --- | ---: | ---: | --- | ---: | ---: |",
     ]
-    for base, timing in results.searches:
+    for direct, timing in results.searches:
         lines.append(
-            f"| {timing.name} | {timing.p(0.5):.1f} | {timing.p(0.99):.1f} | {base.name} "
-            f"| {base.p(0.5):.1f} | {timing.p(0.5) / base.p(0.5):.2f} |"
+            f"| {timing.name} | {timing.p(0.5):.1f} | {timing.p(0.99):.1f} | {direct.name} "
+            f"| {direct.p(0.5):.1f} | {timing.p(0.5) / direct.p(0.5):.2f} |"
         )
     return lines
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import chromadb
@@ -21,6 +24,7 @@ from crewdb.config import Settings
 from crewdb.v1 import conversation_service_pb2 as conversation_pb
 from crewdb.v1 import user_service_pb2
 from crewdb.v1 import vector_service_pb2 as pb
+from crewdb.v1.conversation_service_pb2_grpc import ConversationServiceStub
 from crewdb.v1.vector_service_pb2_grpc import VectorServiceStub
 from tests.conftest import RunningServer, sign_in, start_server
 from tests.rpc_errors import failure
@@ -87,6 +91,7 @@ class ChromaServer:
         process, self._process = self._process, None
         if process is None:
             return
+        os.kill(process.pid, signal.SIGCONT)  # a paused process would not act on SIGTERM
         process.terminate()
         try:
             process.wait(timeout=10)
@@ -95,13 +100,24 @@ class ChromaServer:
             process.wait(timeout=10)
         assert not self._answers(), "chroma still answers after it stopped"
 
+    def pause(self) -> None:
+        """Freezes the server: it still accepts connections (the kernel does) but never answers."""
+        assert self._process is not None, "not running"
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None, "not running"
+        os.kill(self._process.pid, signal.SIGCONT)
+
     def restart(self) -> None:
         self.stop()
         self.start()
 
     def client(self) -> chromadb.api.ClientAPI:
         """A separate Chroma client, to see what crewdb really stored."""
-        return chromadb.HttpClient(host=HOST, port=self.port, settings=ChromaSettings(anonymized_telemetry=False))
+        return chromadb.HttpClient(
+            host=HOST, port=self.port, settings=ChromaSettings(anonymized_telemetry=False)
+        )
 
     def _answers(self) -> bool:
         try:
@@ -184,8 +200,8 @@ def _stored_chunks(chroma: ChromaServer, collection: str) -> int:
 
 
 def _assert_vector_store_unavailable(vectors: VectorServiceStub) -> None:
-    """Search and AddDocuments both fail with UNAVAILABLE/VECTOR_STORE_UNAVAILABLE, well inside their deadline."""
-    calls = {
+    """Search and AddDocuments fail with UNAVAILABLE (VECTOR_STORE_UNAVAILABLE) well inside their deadline."""
+    calls: dict[str, Callable[[], object]] = {
         "Search": lambda: _search(vectors),
         "AddDocuments": lambda: _add(vectors, {"outage": "Written while the vector store was down."}),
     }
@@ -194,9 +210,32 @@ def _assert_vector_store_unavailable(vectors: VectorServiceStub) -> None:
         with pytest.raises(grpc.RpcError) as caught:
             call()
         elapsed = time.monotonic() - started
-        failed = failure(caught.value)
-        assert (failed.code, failed.reason) == (UNAVAILABLE, VECTOR_STORE_UNAVAILABLE), name
+        assert caught.value.code() == UNAVAILABLE, f"{name}: {caught.value.code()} after {elapsed:.1f}s"
+        assert failure(caught.value).reason == VECTOR_STORE_UNAVAILABLE, name
         assert elapsed < QUICKLY, f"{name} took {elapsed:.1f}s to fail (deadline {DEADLINE:g}s)"
+
+
+def _assert_conversations_answer_at_once(conversations: ConversationServiceStub, when: str) -> None:
+    """CreateConversation and AddMessage succeed within a second."""
+    started = time.monotonic()
+    try:
+        conversation: conversation_pb.Conversation = conversations.CreateConversation(
+            conversation_pb.CreateConversationRequest(title="During a Chroma outage"), timeout=2.0
+        )
+        conversations.AddMessage(
+            conversation_pb.AddMessageRequest(
+                conversation_id=conversation.id,
+                role=conversation_pb.MESSAGE_ROLE_USER,
+                content="still there?",
+            ),
+            timeout=2.0,
+        )
+    except grpc.RpcError as error:
+        pytest.fail(
+            f"ConversationService failed {when}: {error.code()} after {time.monotonic() - started:.1f}s"
+        )
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0, f"conversation calls took {elapsed:.1f}s {when}"
 
 
 def test_documents_are_added_searched_counted_and_deleted_in_the_chroma_server(
@@ -212,12 +251,8 @@ def test_documents_are_added_searched_counted_and_deleted_in_the_chroma_server(
     assert _search(alice.vectors)[0] == "bread"
     assert _search(alice.vectors, "why does the ocean go up and down")[0] == "tides"
     stats: pb.VectorStats = alice.vectors.GetVectorStats(pb.GetVectorStatsRequest(), timeout=DEADLINE)
-    assert (stats.documents, stats.chunks, stats.collection, stats.distance) == (
-        3,
-        3,
-        "agent-knowledge",
-        "cosine",
-    )
+    assert (stats.documents, stats.chunks) == (3, 3)
+    assert (stats.collection, stats.distance) == ("agent-knowledge", "cosine")
 
     deleted: pb.DeleteDocumentsResponse = alice.vectors.DeleteDocuments(
         pb.DeleteDocumentsRequest(ids=["bread"]), timeout=DEADLINE
@@ -237,25 +272,14 @@ def test_while_chroma_is_down_vector_calls_are_unavailable_and_conversations_kee
 
     chroma.stop()
     _assert_vector_store_unavailable(alice.vectors)
-    conversation: conversation_pb.Conversation = alice.conversations.CreateConversation(
-        conversation_pb.CreateConversationRequest(title="During the outage"), timeout=DEADLINE
-    )
-    message: conversation_pb.Message = alice.conversations.AddMessage(
-        conversation_pb.AddMessageRequest(
-            conversation_id=conversation.id, role=conversation_pb.MESSAGE_ROLE_USER, content="still here?"
-        ),
-        timeout=DEADLINE,
-    )
-    assert message.content == "still here?"
+    _assert_conversations_answer_at_once(alice.conversations, "while Chroma was down")
     assert _stats(alice.vectors) == (3, 3)
 
     chroma.start()
     with pytest.raises(grpc.RpcError) as caught:
         alice.vectors.GetDocument(pb.GetDocumentRequest(id="outage"), timeout=DEADLINE)
-    assert (failure(caught.value).code, failure(caught.value).reason) == (
-        grpc.StatusCode.NOT_FOUND,
-        "DOCUMENT_NOT_FOUND",
-    )
+    failed = failure(caught.value)
+    assert (failed.code, failed.reason) == (grpc.StatusCode.NOT_FOUND, "DOCUMENT_NOT_FOUND")
     assert _stats(alice.vectors) == (3, 3)
     assert _stored_chunks(chroma, collection) == 3
 
@@ -269,10 +293,12 @@ def test_search_finds_earlier_documents_once_chroma_restarts_without_restarting_
     _add(alice.vectors, DOCUMENTS)
     assert _search(alice.vectors)[0] == "bread"
 
-    chroma.stop()
     if call_during_outage:
+        chroma.stop()
         _assert_vector_store_unavailable(alice.vectors)
-    chroma.start()
+        chroma.start()
+    else:
+        chroma.restart()
 
     assert _search(alice.vectors)[0] == "bread"
     assert _search(alice.vectors, "why does the ocean go up and down")[0] == "tides"
@@ -299,3 +325,41 @@ def test_crewdb_starts_while_chroma_is_down_and_uses_it_once_it_comes_up(
             alice.close()
     finally:
         stop()
+
+
+def _failed_search(vectors: VectorServiceStub) -> tuple[grpc.RpcError | None, float]:
+    """Runs a Search that should fail: its error (None if it succeeded) and how long it took."""
+    started = time.monotonic()
+    try:
+        _search(vectors)
+    except grpc.RpcError as error:
+        return error, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
+def test_while_chroma_hangs_each_vector_call_fails_within_the_vector_timeout_and_conversations_keep_working(
+    chroma: ChromaServer, alice: Client
+) -> None:
+    _add(alice.vectors, DOCUMENTS)
+    assert _search(alice.vectors)[0] == "bread"
+
+    chroma.pause()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            # Search 1 times out on crewdb's open client; Search 2 connects afresh to the hung server.
+            for attempt in (1, 2):
+                pending = pool.submit(_failed_search, alice.vectors)
+                _assert_conversations_answer_at_once(alice.conversations, f"while Search {attempt} waited")
+                time.sleep(VECTOR_TIMEOUT + 0.5)
+                _assert_conversations_answer_at_once(
+                    alice.conversations, f"after Search {attempt} passed the vector timeout"
+                )
+                error, elapsed = pending.result()
+                assert error is not None, f"Search {attempt} succeeded against a hung Chroma"
+                assert error.code() == UNAVAILABLE, f"Search {attempt}: {error.code()} after {elapsed:.1f}s"
+                assert failure(error).reason == VECTOR_STORE_UNAVAILABLE
+                assert elapsed < QUICKLY, f"Search {attempt} took {elapsed:.1f}s to fail"
+    finally:
+        chroma.resume()
+
+    assert _search(alice.vectors)[0] == "bread"
