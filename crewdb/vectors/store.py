@@ -76,6 +76,8 @@ class VectorStore:
         self._lock = threading.Lock()
         self._client: Any = None
         self._collections: dict[str, Any] = {}
+        # Set after a failure or time-out: the next call rebuilds the client (server mode).
+        self._stale = False
         self._max_batch = 1000
 
     @property
@@ -236,7 +238,9 @@ class VectorStore:
         try:
             return await asyncio.wait_for(future, self._timeout)
         except TimeoutError:
-            self._drop()
+            # Only a flag: the loop must never wait for `_lock`, which a thread stuck on a hung
+            # Chroma may hold.
+            self._stale = True
             raise UnavailableError(
                 f"the vector store at {self.location} did not answer in {self._timeout:g}s",
                 reason=VECTOR_STORE_UNAVAILABLE,
@@ -249,14 +253,23 @@ class VectorStore:
             raise
         except Exception as error:  # chromadb, httpx and its Rust core raise many unrelated types
             log.warning("vector store call failed: %s: %s", type(error).__name__, error)
-            self._drop()
+            self._stale = True
             raise UnavailableError(
                 f"the vector store at {self.location} failed: {type(error).__name__}",
                 reason=VECTOR_STORE_UNAVAILABLE,
             ) from error
 
     def _connect(self) -> Any:
-        with self._lock:
+        # Bounded: a thread stuck connecting to a hung server holds the lock; the others give up.
+        if not self._lock.acquire(timeout=self._timeout):
+            raise UnavailableError(
+                f"the vector store at {self.location} is not answering (still connecting)",
+                reason=VECTOR_STORE_UNAVAILABLE,
+            )
+        try:
+            if self._stale and self._host is not None:
+                self._forget_client()  # after a failure, connect afresh: the server may be back
+            self._stale = False
             if self._client is None:
                 self._client = self._make_client()
                 try:
@@ -264,6 +277,8 @@ class VectorStore:
                 except Exception:  # noqa: BLE001 - older servers do not say; 1000 is safe
                     self._max_batch = 1000
             return self._client
+        finally:
+            self._lock.release()
 
     def _make_client(self) -> Any:
         import chromadb  # noqa: PLC0415 - heavy; imported on first use so the server starts fast
@@ -273,6 +288,9 @@ class VectorStore:
         if self._path is not None:
             self._path.mkdir(parents=True, exist_ok=True)
             return chromadb.PersistentClient(path=str(self._path), settings=settings)
+        # chromadb's HTTP client waits forever (no timeout) and talks to the server in its
+        # constructor: ask first, with a bound, whether anything answers at all.
+        _heartbeat(self.location, self._timeout)
         client = chromadb.HttpClient(host=self._host or "", port=self._port, settings=settings)
         _bound_http_timeout(client, self._timeout)
         return client
@@ -303,12 +321,6 @@ class VectorStore:
             _check_model(name, collection.metadata or {}, model, dimension)
         return collection
 
-    def _drop(self) -> None:
-        """Forgets the client after a failure, so the next call connects afresh (server mode)."""
-        if self._host is not None:
-            with self._lock:
-                self._forget_client()
-
     def _forget_client(self) -> None:
         client, self._client = self._client, None
         self._collections.clear()
@@ -328,6 +340,15 @@ def _check_model(name: str, metadata: dict[str, Any], model: str, dimension: int
             "configure that model again, or re-add the documents into a new collection (CHROMA_COLLECTION)",
             reason=EMBEDDING_MODEL_MISMATCH,
         )
+
+
+def _heartbeat(url: str, timeout: float) -> None:
+    """Raises if the Chroma server at `url` does not answer its heartbeat within `timeout`."""
+    import httpx  # noqa: PLC0415
+
+    httpx.get(
+        f"{url}/api/v2/heartbeat", timeout=httpx.Timeout(timeout, connect=min(3.0, timeout))
+    ).raise_for_status()
 
 
 def _bound_http_timeout(client: Any, timeout: float) -> None:
