@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,34 +36,19 @@ from crewdb.v1 import vector_service_pb2 as pb
 from crewdb.v1 import vector_service_pb2_grpc as pb_grpc
 from crewdb.vectors.embedders import LocalEmbedder, Vector
 
+ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "bench password, not a common one"  # noqa: S105 - a throwaway account on a temp database
-WORDS = [
-    "agent",
-    "task",
-    "queue",
-    "message",
-    "conversation",
-    "vector",
-    "search",
-    "index",
-    "latency",
-    "chunk",
-    "document",
-    "owner",
-    "token",
-    "policy",
-    "refund",
-    "shipping",
-    "invoice",
-    "account",
-    "password",
-    "backup",
-    "restore",
-    "health",
-    "probe",
-    "cluster",
-    "model",
-]
+# Words drawn from crewdb's own docs with a Zipf-like skew (a few common, most rare), as in
+# real text: keyword search cost depends on how many chunks contain a query's words.
+_DOC_WORDS = sorted(
+    {
+        w.lower()
+        for path in sorted((ROOT / "docs").glob("*.md"))
+        for w in re.findall(r"[A-Za-z]{3,}", path.read_text())
+    }
+    | {"agent", "refund", "parcel", "restore", "database", "model", "health", "service", "money", "night"}
+)
+_WEIGHTS = [1.0 / (rank + 1) for rank in range(len(_DOC_WORDS))]
 CHUNKS_PER_DOCUMENT = 10
 QUERIES = [
     "how do I get my money back",
@@ -121,7 +107,8 @@ def _text(rng: random.Random, characters: int) -> str:
     sentences = []
     length = 0
     while length < characters:
-        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))).capitalize() + ". "
+        words = rng.choices(_DOC_WORDS, weights=_WEIGHTS, k=rng.randint(8, 16))
+        sentence = " ".join(words).capitalize() + ". "
         sentences.append(sentence)
         length += len(sentence)
     return "".join(sentences)[:characters]
