@@ -10,6 +10,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from crewdb import logs
 from crewdb.clock import Clock
 from crewdb.config import ConfigError, Settings
 from crewdb.db.engine import Database
@@ -55,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="read the password from standard input (never from the command line, which `ps` shows)",
     )
+    probe = commands.add_parser(
+        "health",
+        help="ask a server's grpc.health.v1 service; exit codes as grpc_health_probe",
+        description="Exit 0 when SERVING, 2 when the server cannot be reached, 3 when the call "
+        "fails (an unknown service among others), 4 when it answers NOT_SERVING.",
+    )
+    probe.add_argument("--host", help="server address (env CREWDB_HOST; 0.0.0.0 means this machine)")
+    probe.add_argument("--port", type=_port, help="server port (env CREWDB_PORT)")
+    probe.add_argument(
+        "--service", default="", help="'' (readiness, the default), 'liveness', or a service's full name"
+    )
+    probe.add_argument("--timeout", type=float, default=5.0, help="seconds to connect, and again to answer")
     ingest = commands.add_parser(
         "ingest",
         help="add .txt/.md files (folders recursively) to a running server's knowledge base",
@@ -79,16 +92,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: int) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Alembic narrates every step at INFO; crewdb.db.migrate logs what matters.
-    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
-
-
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -96,11 +99,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except ConfigError as error:
         print(f"crewdb: {error}", file=sys.stderr)
         return 2
-    configure_logging(settings.logging_level)
+    logs.configure(settings.logging_level, settings.log_format)
     if args.command == "serve":
         return _serve(settings, args)
     if args.command == "migrate":
         return _migrate(settings)
+    if args.command == "health":
+        return _health(_target(settings, args), args.service, args.timeout)
     password = sys.stdin.readline().rstrip("\r\n")
     if args.command == "create-admin":
         return _create_admin(settings, args.email, args.username, password)
@@ -158,14 +163,48 @@ def _create_admin(settings: Settings, email: str, username: str, password: str) 
     return 0
 
 
+def _target(settings: Settings, args: argparse.Namespace) -> str:
+    """host:port of the server to call: the flags, else where `serve` would listen."""
+    host = args.host or settings.host
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - listening everywhere includes this machine
+        host = "127.0.0.1"
+    return f"[{host}]:{args.port or settings.port}" if ":" in host else f"{host}:{args.port or settings.port}"
+
+
+# grpc_health_probe's exit codes.
+HEALTH_SERVING, HEALTH_CONNECTION_FAILURE, HEALTH_RPC_FAILURE, HEALTH_UNHEALTHY = 0, 2, 3, 4
+
+
+def _health(target: str, service: str, timeout: float) -> int:
+    import grpc  # noqa: PLC0415 - only the client commands need it
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            print(f"error: cannot connect to {target} in {timeout:g}s", file=sys.stderr)
+            return HEALTH_CONNECTION_FAILURE
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else None
+            print(f"error: health check failed: {code.name if code else error}", file=sys.stderr)
+            return HEALTH_RPC_FAILURE
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"status: {status}")
+    return HEALTH_SERVING if answer.status == health_pb2.HealthCheckResponse.SERVING else HEALTH_UNHEALTHY
+
+
 def _ingest(settings: Settings, args: argparse.Namespace, password: str) -> int:
     import grpc  # noqa: PLC0415 - only this command is a client
 
     from crewdb.client import Client  # noqa: PLC0415
     from crewdb.ingest import describe, ingest  # noqa: PLC0415
 
-    host = args.host or settings.host
-    target = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{args.port or settings.port}"  # noqa: S104
+    target = _target(settings, args)
     try:
         with Client(target) as client:
             client.login(args.username, password)

@@ -14,6 +14,7 @@ T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EMBEDDERS = ("local", "ollama", "openai")
+LOG_FORMATS = ("text", "json")
 # What each embedder uses when CREWDB_EMBEDDING_MODEL and CREWDB_EMBEDDER_URL are unset.
 DEFAULT_EMBEDDING_MODELS = {
     "local": "all-MiniLM-L6-v2",
@@ -55,8 +56,10 @@ class Settings:
     refresh_grace: float = 0.0
     bcrypt_rounds: int = 10
     log_level: str = "INFO"
-    # Seconds between the health checker's `SELECT 1` probes.
+    log_format: str = "text"
+    # Seconds between the health checker's rounds, and the time each dependency's check may take.
     health_check_interval: float = 5.0
+    health_check_timeout: float = 2.0
     # Threads that run read queries; writes always go through one writer thread.
     db_read_threads: int = 4
     # Seconds that in-flight calls get to finish on SIGTERM before they are cancelled.
@@ -89,8 +92,12 @@ class Settings:
             chroma_port=parser.get_optional("CHROMA_PORT", int, _port(allow_zero=False)),
             jwt_secret=parser.get_optional("JWT_SECRET", str),
             log_level=parser.get("CREWDB_LOG_LEVEL", str.upper, default.log_level, _log_level),
+            log_format=parser.get("CREWDB_LOG_FORMAT", str.lower, default.log_format, _one_of(LOG_FORMATS)),
             health_check_interval=parser.get(
                 "CREWDB_HEALTH_CHECK_INTERVAL", float, default.health_check_interval, _positive
+            ),
+            health_check_timeout=parser.get(
+                "CREWDB_HEALTH_CHECK_TIMEOUT", float, default.health_check_timeout, _positive
             ),
             db_read_threads=parser.get(
                 "CREWDB_DB_READ_THREADS", int, default.db_read_threads, _between(1, 64)

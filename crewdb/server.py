@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from grpc import aio
 from grpc_health.v1 import health
 
+from crewdb import logs
 from crewdb.api import reflection
 from crewdb.api.conversations import ConversationServicer
 from crewdb.api.health import HealthReporter
 from crewdb.api.middleware import mount
+from crewdb.api.system import SystemServicer
 from crewdb.api.tasks import TaskServicer
 from crewdb.api.users import UserServicer
 from crewdb.api.vectors import VectorServicer
@@ -28,13 +30,20 @@ from crewdb.db.migrate import open_database
 from crewdb.errors import FailedPreconditionError
 from crewdb.services.conversations import ConversationService
 from crewdb.services.events import MessageEvents
+from crewdb.services.health import CHROMA, EMBEDDER, SQLITE, Dependencies
 from crewdb.services.knowledge import KnowledgeBase
 from crewdb.services.pagination import PageTokens
 from crewdb.services.passwords import PasswordHasher
 from crewdb.services.tasks import TaskEvents, TaskService
 from crewdb.services.tokens import AccessTokens
 from crewdb.services.users import Accounts
-from crewdb.v1 import conversation_service_pb2, task_service_pb2, user_service_pb2, vector_service_pb2
+from crewdb.v1 import (
+    conversation_service_pb2,
+    system_service_pb2,
+    task_service_pb2,
+    user_service_pb2,
+    vector_service_pb2,
+)
 from crewdb.vectors.chunking import Chunker
 from crewdb.vectors.embedders import Embedder, HttpEmbedder, LocalEmbedder
 from crewdb.vectors.store import VectorStore
@@ -46,6 +55,16 @@ CONVERSATION_SERVICE = CONVERSATION_DESCRIPTOR.full_name
 USER_DESCRIPTOR = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
 TASK_DESCRIPTOR = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"]
 VECTOR_DESCRIPTOR = vector_service_pb2.DESCRIPTOR.services_by_name["VectorService"]
+SYSTEM_DESCRIPTOR = system_service_pb2.DESCRIPTOR.services_by_name["SystemService"]
+# What each name the health service answers for needs (crewdb/v1/system_service.proto).
+HEALTH_DEPENDENCIES: dict[str, tuple[str, ...]] = {
+    "": (SQLITE, CHROMA),
+    USER_DESCRIPTOR.full_name: (SQLITE,),
+    CONVERSATION_SERVICE: (SQLITE,),
+    TASK_DESCRIPTOR.full_name: (SQLITE,),
+    VECTOR_DESCRIPTOR.full_name: (SQLITE, CHROMA, EMBEDDER),
+    SYSTEM_DESCRIPTOR.full_name: (SQLITE,),
+}
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _SERVER_OPTIONS = [
@@ -177,6 +196,7 @@ async def build_server(settings: Settings) -> App:
         StartupError: the port cannot be bound, the database cannot be migrated, or there is no
             usable JWT secret.
     """
+    logs.stamp_request_ids()
     try:
         engine, _, _ = await asyncio.to_thread(
             open_database, settings.database_path, pool_size=settings.db_read_threads + 1
@@ -205,10 +225,11 @@ async def build_server(settings: Settings) -> App:
     conversations = ConversationService(db, events, page_tokens, clock)
     tasks = TaskService(db, TaskEvents(), page_tokens, clock)
     vectors = build_vector_store(settings)
+    embedder = build_embedder(settings)
     knowledge = KnowledgeBase(
         db,
         vectors,
-        build_embedder(settings),
+        embedder,
         chunker=Chunker(settings.chunk_size, settings.chunk_overlap),
         page_tokens=page_tokens,
         clock=clock,
@@ -219,13 +240,12 @@ async def build_server(settings: Settings) -> App:
     mount(server, ConversationServicer(conversations), CONVERSATION_DESCRIPTOR, accounts.authenticate)
     mount(server, TaskServicer(tasks), TASK_DESCRIPTOR, accounts.authenticate)
     mount(server, VectorServicer(knowledge), VECTOR_DESCRIPTOR, accounts.authenticate)
-    services = [
-        USER_DESCRIPTOR.full_name,
-        CONVERSATION_SERVICE,
-        TASK_DESCRIPTOR.full_name,
-        VECTOR_DESCRIPTOR.full_name,
-    ]
-    reporter = HealthReporter(server, db.ping, services, settings.health_check_interval)
+    dependencies = Dependencies(
+        db, settings.database_path, vectors, embedder, timeout=settings.health_check_timeout
+    )
+    reporter = HealthReporter(server, dependencies, HEALTH_DEPENDENCIES, settings.health_check_interval)
+    mount(server, SystemServicer(dependencies, reporter, vectors), SYSTEM_DESCRIPTOR, accounts.authenticate)
+    services = [name for name in HEALTH_DEPENDENCIES if name]
     reflection.enable(server, [*services, health.SERVICE_NAME])
 
     address = _address(settings.host, settings.port)
@@ -245,8 +265,9 @@ async def build_server(settings: Settings) -> App:
             f"cannot listen on {address}: the address is in use or not available "
             "(set CREWDB_PORT or --port to another port)"
         ) from cause
-    await server.start()
+    # The first checks run before the port opens: the health service's first answer is true.
     await reporter.start()
+    await server.start()
     background = [asyncio.create_task(tasks.sweep(), name="crewdb-lease-sweep")]
     log.info("crewdb serving on %s (database %s)", _address(settings.host, port), settings.database_path)
     return App(
@@ -265,11 +286,11 @@ async def build_server(settings: Settings) -> App:
 
 async def serve(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
-    app = await build_server(settings)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT):  # before starting: a signal while starting stops too
         loop.add_signal_handler(signum, stopping.set)
+    app = await build_server(settings)
     await stopping.wait()
     log.info("shutting down (grace %.0fs)", settings.shutdown_grace)
     await app.stop(settings.shutdown_grace)

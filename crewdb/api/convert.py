@@ -285,6 +285,13 @@ _SEARCH_MODES: dict[int, SearchMode] = {
 }
 
 
+def bounded_batch(requested: int, *, default: int, maximum: int, field: str = "batch_size") -> int:
+    """0 means `default`, above `maximum` is clamped; negative raises InvalidArgumentError."""
+    if requested < 0:
+        raise InvalidArgumentError.of([FieldViolation(field, "must not be negative")])
+    return min(requested or default, maximum)
+
+
 def search_mode(number: int) -> SearchMode:
     """Raises InvalidArgumentError for a mode this server does not know."""
     mode = _SEARCH_MODES.get(number)

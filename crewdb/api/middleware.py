@@ -17,12 +17,14 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from grpc import aio
 
+from crewdb import logs
 from crewdb.api import status
 from crewdb.errors import CrewdbError, InvalidArgumentError, PermissionDeniedError, UnauthenticatedError
 from crewdb.models import Principal
 from crewdb.v1 import options_pb2
 
 log = logging.getLogger("crewdb.rpc")
+security_log = logging.getLogger("crewdb.security")
 
 REQUEST_ID_KEY = "x-request-id"
 AUTHORIZATION_KEY = "authorization"
@@ -121,9 +123,9 @@ def _access_check(access: int, authenticate: Authenticate) -> Check:
     def requiring(allowed: Callable[[Principal], bool], roles: str) -> Check:
         def check(context: aio.ServicerContext[Any, Any]) -> Principal:
             principal = authenticate(_bearer_token(context))
+            _caller.set(principal)  # also for the log line of a denial
             if not allowed(principal):
                 raise PermissionDeniedError(f"this needs the {roles} role")
-            _caller.set(principal)
             return principal
 
         return check
@@ -168,14 +170,14 @@ def _unary(
 ) -> Callable[..., Awaitable[Any]]:
     async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
+        request_id = _begin(context)
         try:
             _check_decoded(request)
             check(context)
             response = await behavior(request, context)
         except Exception as error:  # noqa: BLE001 - the one place every failure is turned into a status
-            await _abort(method, context, error, started)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s OK %.1fms", method, (time.perf_counter() - started) * 1000)
+            await _abort(method, context, error, started, request_id)
+        _log_call(method, "OK", started)
         return response
 
     return call
@@ -186,6 +188,7 @@ def _stream(
 ) -> Callable[..., AsyncIterator[Any]]:
     async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         started = time.perf_counter()
+        request_id = _begin(context)
         try:
             _check_decoded(request)
             opened_by = check(context)
@@ -198,26 +201,63 @@ def _stream(
                         raise PermissionDeniedError("your role changed: open the stream again")
                 yield response
         except Exception as error:  # noqa: BLE001 - see _unary
-            await _abort(method, context, error, started)
-        log.debug("%s stream OK %.1fms", method, (time.perf_counter() - started) * 1000)
+            await _abort(method, context, error, started, request_id)
+        _log_call(method, "OK", started)
 
     return call
 
 
+def _begin(context: aio.ServicerContext[Any, Any]) -> str:
+    """The call's request id: the caller's `x-request-id` if sane, else a new one. Every log line
+    of the call carries it, and the client gets it back in the trailing metadata."""
+    request_id = _request_id(context)
+    logs.request_id.set(request_id)
+    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+    return request_id
+
+
+def _log_call(
+    method: str, code: str, started: float, reason: str = "", error: Exception | None = None
+) -> None:
+    """The one line every call gets: method, status code, duration and caller (request id added
+    by crewdb.logs). INTERNAL is an error, with its traceback; everything else is INFO."""
+    level = logging.ERROR if error is not None else logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    elapsed = (time.perf_counter() - started) * 1000
+    principal = _caller.get()
+    user = principal.user_id if principal is not None else "-"
+    fields = {
+        "method": method,
+        "code": code,
+        "reason": reason,
+        "duration_ms": round(elapsed, 2),
+        "user_id": user,
+    }
+    text = f"{method} {code}{' ' + reason if reason else ''} {elapsed:.1f}ms user={user}"
+    log.log(level, "%s", text, extra=fields, exc_info=error)
+
+
 async def _abort(
-    method: str, context: aio.ServicerContext[Any, Any], error: Exception, started: float
+    method: str, context: aio.ServicerContext[Any, Any], error: Exception, started: float, request_id: str
 ) -> None:
     if isinstance(error, aio.AbortError):  # the handler aborted on purpose
         raise error
-    request_id = _request_id(context)
-    elapsed = (time.perf_counter() - started) * 1000
     if isinstance(error, CrewdbError):
         code, message, trailers = status.from_error(error, request_id)
-        log.info("%s %s %s %.1fms request_id=%s", method, code.name, error.reason, elapsed, request_id)
+        _log_call(method, code.name, started, error.reason)
+        if isinstance(error, PermissionDeniedError):
+            principal = _caller.get()
+            security_log.warning(
+                "permission denied: %s by user %s (%s)",
+                method,
+                principal.user_id if principal else "-",
+                principal.role.value if principal else "-",
+            )
     else:
         code, message, trailers = status.internal(request_id)
-        log.error("%s INTERNAL %.1fms request_id=%s", method, elapsed, request_id, exc_info=error)
-    await context.abort(code, message, trailing_metadata=trailers)
+        _log_call(method, "INTERNAL", started, "INTERNAL", error)
+    await context.abort(code, message, trailing_metadata=(*trailers, (REQUEST_ID_KEY, request_id)))
 
 
 def _request_id(context: aio.ServicerContext[Any, Any]) -> str:

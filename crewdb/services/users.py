@@ -188,6 +188,13 @@ class Accounts:
         # Unknown account, wrong password, deactivated account: one answer, one cost.
         matches = await self._hasher.verify(password, hashed)
         if user is None or not matches or not user.active:
+            # The account id, never the name typed: a password pasted into the name field must
+            # not end up in a log.
+            security_log.warning(
+                "failed sign-in from %s for %s",
+                address,
+                user.id if user is not None else "an unknown account",
+            )
             raise _invalid_credentials()
         self._throttle.succeeded(account, address)
         # Hashes made at another cost are redone now, while the password is at hand: a
@@ -277,6 +284,7 @@ class Accounts:
         (TOO_MANY_ATTEMPTS) while this client must wait."""
         wait = self._throttle.begin(account, address)
         if wait > 0:
+            security_log.warning("sign-in attempts from %s throttled for %.0f s", address, wait)
             raise ResourceExhaustedError(
                 f"too many failed attempts; try again in {wait:.0f} s",
                 retry_after_seconds=wait,

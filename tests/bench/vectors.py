@@ -99,6 +99,9 @@ class RandomEmbedder:
             vectors.append([x / norm for x in vector])
         return vectors
 
+    def probe(self) -> dict[str, Any]:
+        return {"model": self.model}
+
     def close(self) -> None:
         pass
 

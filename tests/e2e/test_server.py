@@ -148,7 +148,7 @@ def test_an_unexpected_failure_is_internal_with_a_request_id_and_no_traceback(
     assert problem.request_id == "trace-me-123"
     assert "Traceback" not in problem.message
     assert "wizard" not in problem.message
-    logged = [r for r in caplog.records if "trace-me-123" in r.getMessage()]
+    logged = [r for r in caplog.records if getattr(r, "request_id", None) == "trace-me-123"]
     assert logged, "the failure was not logged with its request id"
     assert logged[0].exc_info is not None
 

@@ -1099,6 +1099,9 @@ class OtherEmbedder:
             vectors.append([x / norm for x in raw])
         return vectors
 
+    def probe(self) -> dict[str, Any]:
+        return {"model": self.model}
+
     def close(self) -> None:
         pass
 
