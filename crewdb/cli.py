@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument(
         "--port", type=_port, help="port to listen on, 0 for any free one (env CREWDB_PORT)"
     )
+    serve_cmd.add_argument(
+        "--metrics-port", type=_port, help="serve Prometheus metrics over HTTP here (env CREWDB_METRICS_PORT)"
+    )
     commands.add_parser("migrate", help="upgrade the database schema to this release")
     admin = commands.add_parser("create-admin", help="create an admin account (to bootstrap the first one)")
     admin.add_argument("--email", required=True)
@@ -113,7 +116,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    overrides = {name: value for name in ("host", "port") if (value := getattr(args, name)) is not None}
+    names = ("host", "port", "metrics_port")
+    overrides = {name: value for name in names if (value := getattr(args, name)) is not None}
     if "host" in overrides:
         overrides["embedded_defaults"] = False  # choosing where to listen is deploying
     try:

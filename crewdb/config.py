@@ -76,6 +76,14 @@ class Settings:
     embedder_batch_size: int = 32
     # Seconds a call to Chroma may take before the vector call fails with UNAVAILABLE.
     vector_timeout: float = 10.0
+    # Prometheus metrics over HTTP on this port (same host as gRPC); None: no metrics endpoint.
+    metrics_port: int | None = None
+    # Transport limits: calls (streams included) in progress at once, beyond which new calls get
+    # RESOURCE_EXHAUSTED; and how long a connection lives before the server asks the client to
+    # reconnect (0: forever), with a grace period for calls and streams in progress.
+    max_concurrent_rpcs: int = 2000
+    max_connection_age: float = 3600.0
+    max_connection_age_grace: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -133,6 +141,16 @@ class Settings:
                 "CREWDB_EMBEDDER_BATCH_SIZE", int, default.embedder_batch_size, _between(1, 2048)
             ),
             vector_timeout=parser.get("CREWDB_VECTOR_TIMEOUT", float, default.vector_timeout, _positive),
+            metrics_port=parser.get_optional("CREWDB_METRICS_PORT", int, _port(allow_zero=True)),
+            max_concurrent_rpcs=parser.get(
+                "CREWDB_MAX_CONCURRENT_RPCS", int, default.max_concurrent_rpcs, _between(10, 1_000_000)
+            ),
+            max_connection_age=parser.get(
+                "CREWDB_MAX_CONNECTION_AGE", float, default.max_connection_age, _non_negative
+            ),
+            max_connection_age_grace=parser.get(
+                "CREWDB_MAX_CONNECTION_AGE_GRACE", float, default.max_connection_age_grace, _non_negative
+            ),
         )
         if settings.chunk_overlap >= settings.chunk_size:
             parser.errors.append(

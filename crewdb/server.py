@@ -18,6 +18,7 @@ from crewdb import logs
 from crewdb.api import reflection
 from crewdb.api.conversations import ConversationServicer
 from crewdb.api.health import HealthReporter
+from crewdb.api.metrics import Metrics
 from crewdb.api.middleware import mount
 from crewdb.api.system import SystemServicer
 from crewdb.api.tasks import TaskServicer
@@ -25,6 +26,7 @@ from crewdb.api.users import UserServicer
 from crewdb.api.vectors import VectorServicer
 from crewdb.clock import Clock
 from crewdb.config import MIN_SECRET_BYTES, Settings
+from crewdb.db import tasks as task_queries
 from crewdb.db.engine import Database
 from crewdb.db.migrate import open_database
 from crewdb.errors import FailedPreconditionError
@@ -67,17 +69,31 @@ HEALTH_DEPENDENCIES: dict[str, tuple[str, ...]] = {
 }
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-_SERVER_OPTIONS = [
-    # Without this, a second server on a busy port would silently share it (SO_REUSEPORT).
-    ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Find dead peers of long-lived WatchMessages streams.
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The transport's limits (README, "Limits")."""
+    options = [
+        # Without this, a second server on a busy port would silently share it (SO_REUSEPORT).
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # Pings every minute keep long-lived streams open through load balancers and proxies
+        # that drop idle connections, and find dead peers (20 s without an answer).
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if settings.max_connection_age > 0:
+        # Connections are renewed now and then, so new replicas behind a load balancer get
+        # their share; streams in progress get the grace period, then reconnect.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
+        ]
+    return options
 
 
 class StartupError(RuntimeError):
@@ -98,6 +114,8 @@ class App:
     knowledge: KnowledgeBase
     vectors: VectorStore
     background: list[asyncio.Task[None]]
+    metrics: Metrics | None = None
+    metrics_port: int | None = None
 
     async def stop(self, grace: float | None) -> None:
         """Reports NOT_SERVING, ends watchers, lets in-flight calls finish, closes the database."""
@@ -108,6 +126,8 @@ class App:
         self.events.close()
         await self.server.stop(grace)
         self.hasher.close()
+        if self.metrics is not None:
+            self.metrics.close()
         await asyncio.to_thread(self.knowledge.close)
         await asyncio.to_thread(self.vectors.close)
         await asyncio.to_thread(self.db.close)
@@ -189,7 +209,7 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-async def build_server(settings: Settings) -> App:
+async def build_server(settings: Settings) -> App:  # noqa: PLR0915 - the one place that wires everything
     """Migrates the database, wires every service, binds the port and starts serving.
 
     Raises:
@@ -235,16 +255,26 @@ async def build_server(settings: Settings) -> App:
         clock=clock,
     )
 
-    server = aio.server(options=_SERVER_OPTIONS)
-    mount(server, UserServicer(accounts), USER_DESCRIPTOR, accounts.authenticate)
-    mount(server, ConversationServicer(conversations), CONVERSATION_DESCRIPTOR, accounts.authenticate)
-    mount(server, TaskServicer(tasks), TASK_DESCRIPTOR, accounts.authenticate)
-    mount(server, VectorServicer(knowledge), VECTOR_DESCRIPTOR, accounts.authenticate)
+    server = aio.server(
+        options=server_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs
+    )
+    metrics = Metrics() if settings.metrics_port is not None else None
+    auth = accounts.authenticate
+    mount(server, UserServicer(accounts), USER_DESCRIPTOR, auth, metrics)
+    mount(server, ConversationServicer(conversations), CONVERSATION_DESCRIPTOR, auth, metrics)
+    mount(server, TaskServicer(tasks), TASK_DESCRIPTOR, auth, metrics)
+    mount(server, VectorServicer(knowledge), VECTOR_DESCRIPTOR, auth, metrics)
     dependencies = Dependencies(
         db, settings.database_path, vectors, embedder, timeout=settings.health_check_timeout
     )
-    reporter = HealthReporter(server, dependencies, HEALTH_DEPENDENCIES, settings.health_check_interval)
-    mount(server, SystemServicer(dependencies, reporter, vectors), SYSTEM_DESCRIPTOR, accounts.authenticate)
+    reporter = HealthReporter(
+        server,
+        dependencies,
+        HEALTH_DEPENDENCIES,
+        settings.health_check_interval,
+        on_results=metrics.record_checks if metrics else None,
+    )
+    mount(server, SystemServicer(dependencies, reporter, vectors), SYSTEM_DESCRIPTOR, auth, metrics)
     services = [name for name in HEALTH_DEPENDENCIES if name]
     reflection.enable(server, [*services, health.SERVICE_NAME])
 
@@ -256,17 +286,30 @@ async def build_server(settings: Settings) -> App:
         cause: Exception | None = error
     else:
         cause = None
-    if port == 0:
+
+    def release() -> None:  # what start-up opened, if it cannot finish
         db.close()
         hasher.close()
         knowledge.close()
         vectors.close()
+
+    if port == 0:
+        release()
         raise StartupError(
             f"cannot listen on {address}: the address is in use or not available "
             "(set CREWDB_PORT or --port to another port)"
         ) from cause
     # The first checks run before the port opens: the health service's first answer is true.
     await reporter.start()
+    metrics_port = None
+    if metrics is not None and settings.metrics_port is not None:
+        metrics.watch_queue(lambda: db.read_sync(lambda conn: task_queries.queue_stats(conn, owner=None)[0]))
+        try:
+            metrics_port = metrics.serve(settings.host, settings.metrics_port)
+        except OSError as error:
+            await reporter.shutdown()
+            release()
+            raise StartupError(f"cannot serve metrics on port {settings.metrics_port}: {error}") from error
     await server.start()
     background = [asyncio.create_task(tasks.sweep(), name="crewdb-lease-sweep")]
     log.info("crewdb serving on %s (database %s)", _address(settings.host, port), settings.database_path)
@@ -281,6 +324,8 @@ async def build_server(settings: Settings) -> App:
         knowledge=knowledge,
         vectors=vectors,
         background=background,
+        metrics=metrics,
+        metrics_port=metrics_port,
     )
 
 

@@ -19,6 +19,7 @@ from grpc import aio
 
 from crewdb import logs
 from crewdb.api import status
+from crewdb.api.metrics import MethodMetrics, Metrics
 from crewdb.errors import CrewdbError, InvalidArgumentError, PermissionDeniedError, UnauthenticatedError
 from crewdb.models import Principal
 from crewdb.v1 import options_pb2
@@ -51,7 +52,11 @@ def access_of(method: MethodDescriptor) -> int:
 
 
 def mount(
-    server: aio.Server, servicer: object, service: ServiceDescriptor, authenticate: Authenticate
+    server: aio.Server,
+    servicer: object,
+    service: ServiceDescriptor,
+    authenticate: Authenticate,
+    metrics: Metrics | None = None,
 ) -> None:
     """Serves `servicer`'s RPCs on `server`, each wrapped with access control and with errors
     turned into typed statuses (in place of the generated `add_*_to_server`).
@@ -78,13 +83,18 @@ def mount(
         check = _access_check(access_of(method), authenticate)
         decode = _decoder(message_factory.GetMessageClass(method.input_type))
         encode = message_factory.GetMessageClass(method.output_type).SerializeToString
+        instruments = metrics.for_method(path, streaming=method.server_streaming) if metrics else None
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _stream(path, behavior, check), request_deserializer=decode, response_serializer=encode
+                _stream(path, behavior, check, instruments),
+                request_deserializer=decode,
+                response_serializer=encode,
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(path, behavior, check), request_deserializer=decode, response_serializer=encode
+                _unary(path, behavior, check, instruments),
+                request_deserializer=decode,
+                response_serializer=encode,
             )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
@@ -166,43 +176,59 @@ def _check_decoded(request: Any) -> None:
 
 
 def _unary(
-    method: str, behavior: Callable[..., Awaitable[Any]], check: Check
+    method: str, behavior: Callable[..., Awaitable[Any]], check: Check, metrics: MethodMetrics | None
 ) -> Callable[..., Awaitable[Any]]:
     async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        started = time.perf_counter()
+        started = metrics.begin() if metrics is not None else time.perf_counter()
         request_id = _begin(context)
+        code = "CANCELLED"  # unless it finishes: the client went away or its deadline passed
         try:
-            _check_decoded(request)
-            check(context)
-            response = await behavior(request, context)
-        except Exception as error:  # noqa: BLE001 - the one place every failure is turned into a status
-            await _abort(method, context, error, started, request_id)
-        _log_call(method, "OK", started)
-        return response
+            try:
+                _check_decoded(request)
+                check(context)
+                response = await behavior(request, context)
+            except Exception as error:  # noqa: BLE001 - the one place every failure is turned into a status
+                status_code, message, trailers = _failure(method, error, started, request_id)
+                code = status_code.name
+                await context.abort(status_code, message, trailing_metadata=trailers)
+            code = "OK"
+            _log_call(method, code, started)
+            return response
+        finally:
+            if metrics is not None:
+                metrics.end(code, started)
 
     return call
 
 
 def _stream(
-    method: str, behavior: Callable[..., AsyncIterator[Any]], check: Check
+    method: str, behavior: Callable[..., AsyncIterator[Any]], check: Check, metrics: MethodMetrics | None
 ) -> Callable[..., AsyncIterator[Any]]:
     async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        started = time.perf_counter()
+        started = metrics.begin() if metrics is not None else time.perf_counter()
         request_id = _begin(context)
+        code = "CANCELLED"
         try:
-            _check_decoded(request)
-            opened_by = check(context)
-            async for response in behavior(request, context):
-                if opened_by is not None:
-                    # Before every message: the checks are cached lookups, and a session
-                    # ended or an account deactivated must stop the stream at once.
-                    now_by = check(context)  # UNAUTHENTICATED once the token or session is over
-                    if now_by is None or now_by.role is not opened_by.role:
-                        raise PermissionDeniedError("your role changed: open the stream again")
-                yield response
-        except Exception as error:  # noqa: BLE001 - see _unary
-            await _abort(method, context, error, started, request_id)
-        _log_call(method, "OK", started)
+            try:
+                _check_decoded(request)
+                opened_by = check(context)
+                async for response in behavior(request, context):
+                    if opened_by is not None:
+                        # Before every message: the checks are cached lookups, and a session
+                        # ended or an account deactivated must stop the stream at once.
+                        now_by = check(context)  # UNAUTHENTICATED once the token or session is over
+                        if now_by is None or now_by.role is not opened_by.role:
+                            raise PermissionDeniedError("your role changed: open the stream again")
+                    yield response
+            except Exception as error:  # noqa: BLE001 - see _unary
+                status_code, message, trailers = _failure(method, error, started, request_id)
+                code = status_code.name
+                await context.abort(status_code, message, trailing_metadata=trailers)
+            code = "OK"
+            _log_call(method, code, started)
+        finally:
+            if metrics is not None:
+                metrics.end(code, started)
 
     return call
 
@@ -238,9 +264,11 @@ def _log_call(
     log.log(level, "%s", text, extra=fields, exc_info=error)
 
 
-async def _abort(
-    method: str, context: aio.ServicerContext[Any, Any], error: Exception, started: float, request_id: str
-) -> None:
+def _failure(
+    method: str, error: Exception, started: float, request_id: str
+) -> tuple[grpc.StatusCode, str, status.Trailers]:
+    """Logs a failed call and says how to end it: its status code, message and trailers (the
+    google.rpc.Status details and the request id)."""
     if isinstance(error, aio.AbortError):  # the handler aborted on purpose
         raise error
     if isinstance(error, CrewdbError):
@@ -257,7 +285,7 @@ async def _abort(
     else:
         code, message, trailers = status.internal(request_id)
         _log_call(method, "INTERNAL", started, "INTERNAL", error)
-    await context.abort(code, message, trailing_metadata=(*trailers, (REQUEST_ID_KEY, request_id)))
+    return code, message, (*trailers, (REQUEST_ID_KEY, request_id))
 
 
 def _request_id(context: aio.ServicerContext[Any, Any]) -> str:
