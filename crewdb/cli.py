@@ -7,8 +7,9 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from crewdb import logs
 from crewdb.clock import Clock
@@ -92,6 +93,25 @@ def _parser() -> argparse.ArgumentParser:
         help="documents per call",
     )
     ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
+    backup = commands.add_parser(
+        "backup",
+        help="copy the database and every vector into a new folder, with a manifest",
+        description="Safe while the server runs. With an embedded Chroma and the server running, "
+        "the vectors come through the server (an admin's --username and --password-stdin); "
+        "otherwise straight from the data paths or the Chroma server.",
+    )
+    backup.add_argument("destination", type=Path, metavar="DEST", help="a new or empty folder")
+    backup.add_argument("--username", help="an admin account (needed while the server runs)")
+    backup.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    backup.add_argument("--host", help="the running server's address (env CREWDB_HOST)")
+    backup.add_argument("--port", type=_port, help="the running server's port (env CREWDB_PORT)")
+    backup.add_argument("--no-progress", action="store_true", help="no progress bar")
+    restore = commands.add_parser(
+        "restore",
+        help="restore a backup into empty data paths (DATABASE_PATH, VECTOR_DB_PATH or the Chroma server)",
+    )
+    restore.add_argument("source", type=Path, metavar="SRC", help="a folder written by `crewdb backup`")
+    restore.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -103,16 +123,18 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print(f"crewdb: {error}", file=sys.stderr)
         return 2
     logs.configure(settings.logging_level, settings.log_format)
-    if args.command == "serve":
-        return _serve(settings, args)
-    if args.command == "migrate":
-        return _migrate(settings)
-    if args.command == "health":
-        return _health(_target(settings, args), args.service, args.timeout)
-    password = sys.stdin.readline().rstrip("\r\n")
-    if args.command == "create-admin":
-        return _create_admin(settings, args.email, args.username, password)
-    return _ingest(settings, args, password)
+    # Passwords come on standard input, never on the command line (which `ps` shows).
+    password = sys.stdin.readline().rstrip("\r\n") if getattr(args, "password_stdin", False) else None
+    commands: dict[str, Callable[[], int]] = {
+        "serve": lambda: _serve(settings, args),
+        "migrate": lambda: _migrate(settings),
+        "health": lambda: _health(_target(settings, args), args.service, args.timeout),
+        "create-admin": lambda: _create_admin(settings, args.email, args.username, password or ""),
+        "ingest": lambda: _ingest(settings, args, password or ""),
+        "backup": lambda: _backup(settings, args, password),
+        "restore": lambda: _restore(settings, args.source, progress=not args.no_progress),
+    }
+    return commands[args.command]()
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -179,14 +201,22 @@ def _target(settings: Settings, args: argparse.Namespace) -> str:
 HEALTH_SERVING, HEALTH_CONNECTION_FAILURE, HEALTH_RPC_FAILURE, HEALTH_UNHEALTHY = 0, 2, 3, 4
 
 
+def _reachable(channel: Any, timeout: float) -> bool:
+    import grpc  # noqa: PLC0415 - only the client commands need it
+
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
+
+
 def _health(target: str, service: str, timeout: float) -> int:
     import grpc  # noqa: PLC0415 - only the client commands need it
     from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
 
     with grpc.insecure_channel(target) as channel:
-        try:
-            grpc.channel_ready_future(channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
+        if not _reachable(channel, timeout):
             print(f"error: cannot connect to {target} in {timeout:g}s", file=sys.stderr)
             return HEALTH_CONNECTION_FAILURE
         try:
@@ -220,6 +250,100 @@ def _ingest(settings: Settings, args: argparse.Namespace, password: str) -> int:
         log.warning("skipped %s: %s", path, reason)
     print(f"ingested {outcome.files} files ({outcome.chunks} chunks); skipped {len(outcome.skipped)}")
     return 1 if outcome.skipped else 0
+
+
+def _backup(settings: Settings, args: argparse.Namespace, password: str | None) -> int:
+    import grpc  # noqa: PLC0415 - only the client commands need it
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from crewdb.backup import backup, export_through_server  # noqa: PLC0415
+    from crewdb.client import Client  # noqa: PLC0415
+    from crewdb.server import build_vector_store  # noqa: PLC0415
+
+    target = _target(settings, args)
+    with grpc.insecure_channel(target) as channel:
+        through_server = settings.chroma_host is None and _reachable(channel, 1.0)
+    if through_server and (not args.username or password is None):
+        log.error(
+            "a server is running at %s with an embedded Chroma, which only it may open: give an "
+            "admin's --username and --password-stdin so that it exports the vectors",
+            target,
+        )
+        return 1
+    store = None if through_server else build_vector_store(settings)
+    client = Client(target) if through_server else None
+    try:
+        with tqdm(unit=" chunks", disable=args.no_progress, file=sys.stderr) as bar:
+            if client is not None:
+                client.login(args.username, password or "")
+                export = export_through_server(client)
+            else:
+                assert store is not None  # noqa: S101 - one of the two is always made
+                export = store.export(256)
+            summary = asyncio.run(backup(settings.database_path, args.destination, export, bar.update))
+    except CrewdbError as error:
+        log.error("backup failed: %s", error.message)
+        return 1
+    except grpc.RpcError as error:
+        log.error("backup failed: %s", error.details() if isinstance(error, grpc.Call) else error)
+        return 1
+    finally:
+        if store is not None:
+            store.close()
+        if client is not None:
+            client.close()
+    again = f"; {summary.reembed} documents will be embedded again on restore" if summary.reembed else ""
+    rows = sum(summary.rows.values())
+    print(f"backed up {rows} rows and {summary.chunks} chunks to {args.destination}{again}")
+    return 0
+
+
+def _restore(settings: Settings, source: Path, *, progress: bool) -> int:
+    from crewdb.backup import place_database, read_manifest  # noqa: PLC0415
+
+    try:
+        manifest = read_manifest(source)
+        place_database(source, settings.database_path)
+        chunks, embedded = asyncio.run(_restore_vectors(settings, source, manifest, progress=progress))
+    except CrewdbError as error:
+        log.error("restore failed: %s", error.message)
+        return 1
+    rows = sum(manifest.get("rows", {}).values())
+    print(f"restored {rows} rows and {chunks} chunks ({embedded} embedded again) from {source}")
+    return 0
+
+
+async def _restore_vectors(
+    settings: Settings, source: Path, manifest: dict[str, Any], *, progress: bool
+) -> tuple[int, int]:
+    import secrets  # noqa: PLC0415
+
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from crewdb.backup import restore_vectors  # noqa: PLC0415
+    from crewdb.server import build_embedder, build_vector_store  # noqa: PLC0415
+    from crewdb.services.knowledge import KnowledgeBase  # noqa: PLC0415
+    from crewdb.services.pagination import PageTokens  # noqa: PLC0415
+    from crewdb.vectors.chunking import Chunker  # noqa: PLC0415
+
+    engine, _, _ = await asyncio.to_thread(open_database, settings.database_path)  # older backups migrate
+    db = Database(engine, read_threads=1)
+    store = build_vector_store(settings)
+    knowledge = KnowledgeBase(
+        db,
+        store,
+        build_embedder(settings),
+        chunker=Chunker(settings.chunk_size, settings.chunk_overlap),
+        page_tokens=PageTokens(secrets.token_bytes(32)),  # lists nothing here
+        clock=Clock(),
+    )
+    try:
+        with tqdm(total=manifest.get("chunks"), unit=" chunks", disable=not progress, file=sys.stderr) as bar:
+            return await restore_vectors(source, manifest, store, knowledge, bar.update)
+    finally:
+        knowledge.close()
+        store.close()
+        db.close()
 
 
 if __name__ == "__main__":

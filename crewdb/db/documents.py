@@ -222,6 +222,21 @@ def keyword_search(conn: Connection, owner: str, query: str, limit: int) -> list
     return [KeywordHit(*row) for row in rows]
 
 
+def chunks_of(conn: Connection, owner: str, document_id: str) -> list[Chunk]:
+    """A stored document's chunks, in order."""
+    rows = conn.execute(
+        select(
+            document_chunks.c.chunk_index,
+            document_chunks.c.start_offset,
+            document_chunks.c.end_offset,
+            document_chunks.c.text,
+        )
+        .where(document_chunks.c.owner_id == owner, document_chunks.c.document_id == document_id)
+        .order_by(document_chunks.c.chunk_index)
+    ).all()
+    return [Chunk(row[0], row[1], row[2], row[3]) for row in rows]
+
+
 def totals(conn: Connection, owner: str) -> tuple[int, int]:
     """The owner's documents and chunks."""
     row = conn.execute(

@@ -182,6 +182,31 @@ class KnowledgeBase:
             deleted = await self._db.write(lambda conn: queries.delete_documents(conn, owner, list(targets)))
         return sorted(deleted)
 
+    async def reembed(self, owner: str, document_id: str) -> int:
+        """Embeds a stored document's chunks again and puts them into Chroma under its current
+        revision (a restore uses this for documents whose vectors the backup could not hold).
+        Returns the number of chunks; 0 if the document does not exist.
+
+        Raises:
+            FailedPreconditionError: (EMBEDDING_MODEL_MISMATCH)
+            UnavailableError: the embedder or the vector store failed.
+        """
+        document = await self._db.read(lambda conn: queries.get_document(conn, owner, document_id))
+        if document is None:
+            return 0
+        chunks = await self._db.read(lambda conn: queries.chunks_of(conn, owner, document_id))
+        vectors = await self._embed([chunk.text for chunk in chunks])
+        async with self._owner_lock(owner):
+            await self._store.upsert(
+                owner,
+                self._embedder.model,
+                ids=[_chunk_key(document_id, chunk.index, document.revision) for chunk in chunks],
+                embeddings=vectors,
+                texts=[chunk.text for chunk in chunks],
+                metadatas=[_chunk_metadata(document, chunk) for chunk in chunks],
+            )
+        return len(chunks)
+
     # --- reads --------------------------------------------------------------------------------
 
     async def search(
