@@ -195,6 +195,8 @@ def _unary(
             _log_call(method, code, started)
             return response
         finally:
+            if code == "CANCELLED":  # asyncio.CancelledError is no Exception: logged here
+                _log_call(method, code, started)
             if metrics is not None:
                 metrics.end(code, started)
 
@@ -227,6 +229,8 @@ def _stream(
             code = "OK"
             _log_call(method, code, started)
         finally:
+            if code == "CANCELLED":  # asyncio.CancelledError is no Exception: logged here
+                _log_call(method, code, started)
             if metrics is not None:
                 metrics.end(code, started)
 
