@@ -34,7 +34,16 @@ def stamp_request_ids() -> None:
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
-    """crewdb's own handler, told apart from others so that configuring again replaces it."""
+    """crewdb's own handler: writes to whatever sys.stderr is now (tests swap it), and is told
+    apart from others so that configuring again replaces it."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 class JsonLines(logging.Formatter):
@@ -59,7 +68,7 @@ class JsonLines(logging.Formatter):
 def configure(level: int, fmt: str = "text") -> None:
     """Logs to standard error at `level`, as text lines or JSON lines, with request ids."""
     stamp_request_ids()
-    handler = _Handler(sys.stderr)
+    handler = _Handler()
     handler.setFormatter(JsonLines() if fmt == "json" else logging.Formatter(_TEXT))
     root = logging.getLogger()
     # Replaces only a handler of ours from an earlier call (tests configure more than once and
