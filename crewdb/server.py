@@ -29,7 +29,7 @@ from crewdb.config import MIN_SECRET_BYTES, Settings
 from crewdb.db import tasks as task_queries
 from crewdb.db.engine import Database
 from crewdb.db.migrate import open_database
-from crewdb.errors import FailedPreconditionError
+from crewdb.errors import CrewdbError, FailedPreconditionError
 from crewdb.services.conversations import ConversationService
 from crewdb.services.events import MessageEvents
 from crewdb.services.health import CHROMA, EMBEDDER, SQLITE, Dependencies
@@ -311,7 +311,10 @@ async def build_server(settings: Settings) -> App:  # noqa: PLR0915 - the one pl
             release()
             raise StartupError(f"cannot serve metrics on port {settings.metrics_port}: {error}") from error
     await server.start()
-    background = [asyncio.create_task(tasks.sweep(), name="crewdb-lease-sweep")]
+    background = [
+        asyncio.create_task(tasks.sweep(), name="crewdb-lease-sweep"),
+        asyncio.create_task(_reconcile(knowledge), name="crewdb-knowledge-check"),
+    ]
     log.info("crewdb serving on %s (database %s)", _address(settings.host, port), settings.database_path)
     return App(
         server=server,
@@ -327,6 +330,25 @@ async def build_server(settings: Settings) -> App:  # noqa: PLR0915 - the one pl
         metrics=metrics,
         metrics_port=metrics_port,
     )
+
+
+async def _reconcile(knowledge: KnowledgeBase) -> None:
+    """Start-up check that Chroma holds exactly the chunks SQLite describes; repairs and reports."""
+    try:
+        result = await knowledge.reconcile()
+    except CrewdbError as error:
+        log.warning("knowledge base check skipped (%s): it runs again at the next start", error.message)
+        return
+    if result.stale_chunks_deleted or result.documents_incomplete:
+        log.warning(
+            "knowledge base repaired: %d chunks of deleted or replaced documents removed from Chroma, "
+            "%d documents with missing chunks embedded again (%d chunks)",
+            result.stale_chunks_deleted,
+            result.documents_incomplete,
+            result.chunks_embedded,
+        )
+    else:
+        log.info("knowledge base check: Chroma and SQLite agree (%d accounts)", result.owners)
 
 
 async def serve(settings: Settings) -> None:

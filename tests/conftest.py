@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -106,3 +107,10 @@ def client(server: RunningServer) -> Iterator[Client]:
 def conversations(client: Client) -> conversation_service_pb2_grpc.ConversationServiceStub:
     """alice's ConversationService stub: every call carries her access token."""
     return client.conversations
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for servers started as subprocesses)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

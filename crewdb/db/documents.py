@@ -126,6 +126,27 @@ def _document(row: Any, text: str = "") -> Document:
     )
 
 
+def owners(conn: Connection) -> list[str]:
+    """Every account that has documents."""
+    return list(conn.execute(select(documents.c.owner_id).distinct()).scalars())
+
+
+def all_versions(conn: Connection, owner: str) -> dict[str, Version]:
+    """The stored version of each of the owner's documents."""
+    rows = conn.execute(
+        select(
+            documents.c.id,
+            documents.c.revision,
+            documents.c.chunk_count,
+            documents.c.title,
+            documents.c.metadata,
+        ).where(documents.c.owner_id == owner)
+    ).all()
+    return {
+        row.id: Version(row.revision, row.chunk_count, row.title, json.loads(row.metadata)) for row in rows
+    }
+
+
 def get_document(conn: Connection, owner: str, document_id: str) -> Document | None:
     row = conn.execute(_GET, {"p_owner": owner, "p_id": document_id}).first()
     return _document(row, row.text) if row else None

@@ -100,10 +100,13 @@ def _as_domain_error(error: BaseException) -> BaseException:
     """UnavailableError for a database that is out of reach; `error` itself otherwise."""
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return UnavailableError("database connection lost, try again")
-    if isinstance(error, OperationalError):
-        name = getattr(error.orig, "sqlite_errorname", None)
+    # The driver's own error where SQLAlchemy did not wrap it: the BEGIN that crewdb issues in
+    # the "begin" event hook (SQLITE_BUSY while another process holds the write lock).
+    raw = error.orig if isinstance(error, OperationalError) else error
+    if isinstance(error, OperationalError) or isinstance(raw, sqlite3.OperationalError):
+        name = getattr(raw, "sqlite_errorname", None)
         if name is None or _is_transient(name):
-            log.warning("database unavailable: %s", error.orig)
+            log.warning("database unavailable: %s", raw)
             return UnavailableError("database unavailable, try again")
     return error
 
@@ -225,7 +228,7 @@ class Database:
             conn = self._connection(engine)
             with conn.begin():
                 result = work(conn)
-        except DBAPIError as error:
+        except (DBAPIError, sqlite3.OperationalError) as error:
             failure = _as_domain_error(error)
             if failure is not error:
                 self._discard_connection()

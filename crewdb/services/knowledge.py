@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from crewdb.clock import Clock
@@ -207,6 +208,34 @@ class KnowledgeBase:
             )
         return len(chunks)
 
+    async def reconcile(self) -> Reconciliation:
+        """Makes Chroma agree with SQLite, the source of truth: deletes chunks of documents or
+        revisions SQLite does not hold (left by a crash or a failed write), and embeds again the
+        documents whose chunks are missing. Run at start-up, in the background.
+
+        Raises:
+            UnavailableError: Chroma or the embedder failed (what was done so far stays done).
+        """
+        owners = set(await self._db.read(queries.owners)) | set(await self._store.owners())
+        deleted = missing = reembedded = 0
+        for owner in sorted(owners):
+            async with self._owner_lock(owner):
+                stored = await self._store.chunk_labels(owner)
+                current = await self._db.read(lambda conn: queries.all_versions(conn, owner))  # noqa: B023
+                stale = [
+                    key for key, doc, rev in stored if doc not in current or current[doc].revision != rev
+                ]
+                counts = Counter(
+                    doc for _, doc, rev in stored if doc in current and current[doc].revision == rev
+                )
+                incomplete = [doc for doc, version in current.items() if counts[doc] != version.chunk_count]
+                await self._store.delete(owner, stale)
+            deleted += len(stale)
+            missing += len(incomplete)
+            for document_id in incomplete:
+                reembedded += await self.reembed(owner, document_id)
+        return Reconciliation(len(owners), deleted, missing, reembedded)
+
     # --- reads --------------------------------------------------------------------------------
 
     async def search(
@@ -393,6 +422,14 @@ class KnowledgeBase:
         if lock is None:
             lock = self._owner_locks[owner] = asyncio.Lock()
         return lock
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    owners: int
+    stale_chunks_deleted: int
+    documents_incomplete: int
+    chunks_embedded: int
 
 
 def _chunk_key(document_id: str, index: int, revision: int) -> str:

@@ -322,6 +322,45 @@ class VectorStore:
             metadatas=[c.metadata for c in batch.chunks],
         )
 
+    async def owners(self) -> list[str]:
+        """The owners that have a collection.
+
+        Raises:
+            UnavailableError: (VECTOR_STORE_UNAVAILABLE)
+        """
+
+        def work() -> list[str]:
+            prefix = f"{self.collection}."
+            return [
+                c.name[len(prefix) :] for c in self._connect().list_collections() if c.name.startswith(prefix)
+            ]
+
+        return await self._run(work)
+
+    async def chunk_labels(self, owner: str, batch_size: int = 1000) -> list[tuple[str, str, int]]:
+        """(chunk id, document id, revision) of every chunk in the owner's collection.
+
+        Raises:
+            UnavailableError: (VECTOR_STORE_UNAVAILABLE)
+        """
+
+        def page(offset: int) -> list[tuple[str, str, int]]:
+            collection = self._collection(owner, None, None, create=False)
+            if collection is None:
+                return []
+            found = collection.get(include=["metadatas"], limit=batch_size, offset=offset)
+            return [
+                (id_, str((meta or {}).get("_doc", "")), int((meta or {}).get("_rev", 0)))
+                for id_, meta in zip(found["ids"], found["metadatas"], strict=True)
+            ]
+
+        labels: list[tuple[str, str, int]] = []
+        while True:
+            found = await self._run(lambda: page(len(labels)))  # noqa: B023 - awaited at once
+            labels += found
+            if len(found) < batch_size:
+                return labels
+
     async def is_empty(self) -> bool:
         """True when no collection of this store's name exists (a safe target for a restore).
 
