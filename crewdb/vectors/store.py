@@ -32,6 +32,9 @@ T = TypeVar("T")
 
 VECTOR_STORE_UNAVAILABLE = "VECTOR_STORE_UNAVAILABLE"
 EMBEDDING_MODEL_MISMATCH = "EMBEDDING_MODEL_MISMATCH"
+# Chunks per upsert call: Chroma accepts thousands, but each call is bounded by the vector
+# timeout, and inserting into a large index is slow on a small machine.
+UPSERT_BATCH = 500
 _MODEL_KEY = "crewdb_embedding_model"
 _DIMENSION_KEY = "crewdb_embedding_dimension"
 
@@ -118,7 +121,8 @@ class VectorStore:
         texts: Sequence[str],
         metadatas: Sequence[dict[str, Scalar]],
     ) -> None:
-        """Adds or replaces chunks, in batches of Chroma's maximum size.
+        """Adds or replaces chunks, in batches (each call to Chroma has its own time limit, so a
+        large upsert is not mistaken for an outage).
 
         Raises:
             FailedPreconditionError: (EMBEDDING_MODEL_MISMATCH) the owner's collection holds
@@ -127,20 +131,20 @@ class VectorStore:
         """
         if not ids:
             return
+        collection = await self._run(lambda: self._collection(owner, model, len(embeddings[0]), create=True))
+        size = min(self._max_batch, UPSERT_BATCH)
+        for start in range(0, len(ids), size):
+            batch = slice(start, start + size)
 
-        def work() -> None:
-            dimension = len(embeddings[0])
-            collection = self._collection(owner, model, dimension, create=True)
-            for start in range(0, len(ids), self._max_batch):
-                end = start + self._max_batch
+            def write(batch: slice = batch) -> None:
                 collection.upsert(
-                    ids=list(ids[start:end]),
-                    embeddings=[list(e) for e in embeddings[start:end]],
-                    documents=list(texts[start:end]),
-                    metadatas=list(metadatas[start:end]),
+                    ids=list(ids[batch]),
+                    embeddings=[list(e) for e in embeddings[batch]],
+                    documents=list(texts[batch]),
+                    metadatas=list(metadatas[batch]),
                 )
 
-        await self._run(work)
+            await self._run(write)
 
     async def delete(self, owner: str, ids: Sequence[str]) -> None:
         """Deletes chunks by id; ids that do not exist are ignored.

@@ -168,6 +168,8 @@ async def run_vectors() -> VectorResults:
             vector_db_path=Path(data) / "vectordb",
             jwt_secret="bench-secret-that-is-long-enough-for-hs256-0123456789",  # noqa: S106 - a temp server
             log_level="WARNING",
+            # Bulk loads on a busy 2-core machine: an upsert batch may take a while.
+            vector_timeout=120.0,
         )
         app = await build_server(settings)
         try:
