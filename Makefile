@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/crewdb/v1/*.proto)
 
 .PHONY: setup run test test-unit test-integration test-e2e proto proto-check lint format \
-        typecheck bench check clean
+        typecheck bench load check clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,11 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run
+
+# A mix of every kind of call from many clients for 30 s on loopback, then a reconciliation of
+# the database against every acknowledged write; the figures go to docs/benchmarks.md.
+load: $(STAMP)
+	$(BIN)/python -m tests.load.run
 
 check: lint typecheck proto-check test
 

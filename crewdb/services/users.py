@@ -409,7 +409,7 @@ class Accounts:
         """Raises: InvalidArgumentError, NotFoundError, FailedPreconditionError (LAST_ADMIN)."""
         violations = check_id("user_id", user_id)
         if role is None:
-            violations.append(FieldViolation("role", "required: user, moderator or admin"))
+            violations.append(FieldViolation("role", "required: user, moderator, worker or admin"))
         if violations or role is None:
             raise InvalidArgumentError.of(violations)
 

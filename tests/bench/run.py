@@ -40,6 +40,7 @@ from tests.bench.vectors import VECTOR_READING, report_vectors, run_vectors
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "docs" / "benchmarks.md"
+LOAD_SECTION = "## Load (`make load`)"
 EMPTY = struct_pb2.Struct()
 DONE = struct_pb2.Struct(fields={"ok": struct_pb2.Value(bool_value=True)})
 PASSWORD = "bench password, not a common one"  # noqa: S105 - a throwaway account on a temp database
@@ -472,7 +473,10 @@ def main() -> None:
     text = report(results, logins, queue, args) + "\n".join(report_vectors(vectors)) + "\n" + VECTOR_READING
     print(text)
     if not args.no_write:
-        REPORT.write_text(text)
+        # `make load` writes a section of its own at the end: keep it.
+        old = REPORT.read_text() if REPORT.exists() else ""
+        load = old[old.index(LOAD_SECTION) :] if LOAD_SECTION in old else ""
+        REPORT.write_text(text + ("\n" + load if load else ""))
         print(f"written to {REPORT.relative_to(ROOT)}")
 
 
