@@ -89,7 +89,8 @@ class KnowledgeBase:
         self._owner_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def close(self) -> None:
-        self._embed_pool.shutdown(wait=True, cancel_futures=True)
+        # Not waiting: an embedding whose caller gave up finishes on its own and is dropped.
+        self._embed_pool.shutdown(wait=False, cancel_futures=True)
         self._embedder.close()
 
     # --- writes -------------------------------------------------------------------------------

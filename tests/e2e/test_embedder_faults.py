@@ -1,0 +1,151 @@
+"""Faults around embedding: a server that hangs or answers garbage, and deadlines that expire mid-work."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+import pytest
+
+from crewdb.config import Settings
+from crewdb.v1 import conversation_service_pb2 as pb
+from crewdb.v1 import user_service_pb2 as users_pb
+from crewdb.v1 import vector_service_pb2 as vectors_pb
+from tests.conftest import RunningServer, sign_in, start_server
+from tests.rpc_errors import failure
+
+
+class EmbeddingServer:
+    """A local Ollama-style `/api/embed` whose behaviour the test switches: answer, hang, garbage."""
+
+    def __init__(self) -> None:
+        self.mode = "answer"
+        self.release = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if outer.mode == "hang":
+                    outer.release.wait(30)
+                if outer.mode == "garbage":
+                    payload = b"<html>502 Bad Gateway</html>"
+                else:
+                    vectors = [
+                        [float(len(text) % 7 + 1), 1.0, float(i % 3)] for i, text in enumerate(body["input"])
+                    ]
+                    payload = json.dumps({"embeddings": vectors}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http.server_address[1]}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def embedding_server() -> Iterator[EmbeddingServer]:
+    server = EmbeddingServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def crewdb(settings: Settings, embedding_server: EmbeddingServer) -> Iterator[RunningServer]:
+    running, stop = start_server(
+        settings.replace(
+            embedder="ollama", embedding_model="tiny", embedder_url=embedding_server.url, embedder_timeout=1.0
+        )
+    )
+    try:
+        yield running
+    finally:
+        stop()
+
+
+def _document(
+    doc_id: str, text: str = "Bread needs flour, water, salt and time."
+) -> vectors_pb.AddDocumentsRequest:
+    return vectors_pb.AddDocumentsRequest(documents=[vectors_pb.DocumentInput(id=doc_id, text=text)])
+
+
+@pytest.mark.parametrize("mode", ["hang", "garbage"])
+def test_an_embedding_server_that_hangs_or_answers_garbage_is_unavailable_and_nothing_else_suffers(
+    crewdb: RunningServer, embedding_server: EmbeddingServer, mode: str
+) -> None:
+    alice = sign_in(crewdb, "alice")
+    alice.vectors.AddDocuments(_document("kept"))
+    embedding_server.mode = mode
+
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as searched:
+        alice.vectors.Search(vectors_pb.SearchRequest(query="how is bread made"), timeout=10)
+    with pytest.raises(grpc.RpcError) as added:
+        alice.vectors.AddDocuments(_document("new"), timeout=10)
+    elapsed = time.monotonic() - started
+
+    for caught in (searched, added):
+        problem = failure(caught.value)
+        assert problem.code == grpc.StatusCode.UNAVAILABLE
+        assert problem.reason == "EMBEDDER_UNAVAILABLE"
+    assert elapsed < 6  # the embedder's 1 s time-out (twice), not the caller's 10 s deadline
+    # Nothing half-written, and everything else keeps serving meanwhile.
+    stats = alice.vectors.GetVectorStats(vectors_pb.GetVectorStatsRequest())
+    assert (stats.documents, stats.chunks) == (1, 1)
+    created = alice.conversations.CreateConversation(
+        pb.CreateConversationRequest(title="still here"), timeout=2
+    )
+    assert created.id
+    # Recovery needs no restart.
+    embedding_server.mode = "answer"
+    embedding_server.release.set()
+    alice.vectors.AddDocuments(_document("new"), timeout=10)
+    assert alice.vectors.GetVectorStats(vectors_pb.GetVectorStatsRequest()).documents == 2
+    alice.close()
+
+
+def test_a_deadline_that_expires_mid_embedding_leaves_the_document_whole_or_absent(
+    server: RunningServer,
+) -> None:
+    alice = sign_in(server, "alice")
+    long_text = "A sentence about ovens and bread and the patience they need. " * 1000  # ~60 chunks
+    with pytest.raises(grpc.RpcError) as caught:
+        alice.vectors.AddDocuments(_document("long", long_text), timeout=0.5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    owner = alice.users.GetMe(users_pb.GetMeRequest()).id
+
+    # The server keeps serving; whatever it stored is a whole document, in SQLite and Chroma alike.
+    deadline = time.monotonic() + 60
+    while True:
+        stats = alice.vectors.GetVectorStats(vectors_pb.GetVectorStatsRequest())
+        chroma = server.call(server.app.vectors.count(owner))
+        if stats.chunks == chroma:
+            break
+        assert time.monotonic() < deadline, (stats.chunks, chroma)
+        time.sleep(0.2)
+    assert stats.documents in (0, 1)
+    if stats.documents:
+        document = alice.vectors.GetDocument(vectors_pb.GetDocumentRequest(id="long"))
+        assert document.text == long_text
+        assert document.chunk_count == stats.chunks
+    alice.close()
