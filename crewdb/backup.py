@@ -138,16 +138,26 @@ def manifest_rows(source: Path) -> dict[str, int]:
     return rows
 
 
-def place_database(source: Path, database: Path) -> None:
-    """Copies the backup's database to `database`, which must not exist yet.
+async def refuse_unless_empty(database: Path | None, store: VectorStore) -> None:
+    """Raises FailedPreconditionError (RESTORE_TARGET_NOT_EMPTY) unless the database file (if
+    given) does not exist yet and the vector store holds no collection of crewdb's.
 
     Raises:
-        FailedPreconditionError: (RESTORE_TARGET_NOT_EMPTY)
+        UnavailableError: the vector store cannot be reached.
     """
-    if database.exists() and database.stat().st_size > 0:
+    if database is not None and database.exists() and database.stat().st_size > 0:  # noqa: ASYNC240
         raise FailedPreconditionError(
             f"{database} exists: restore only into an empty location", reason="RESTORE_TARGET_NOT_EMPTY"
         )
+    if not await store.is_empty():
+        raise FailedPreconditionError(
+            f"the vector store at {store.location} holds collections already: restore only into an empty one",
+            reason="RESTORE_TARGET_NOT_EMPTY",
+        )
+
+
+def place_database(source: Path, database: Path) -> None:
+    """Copies the backup's database to `database` (check it with `refuse_unless_empty` first)."""
     database.parent.mkdir(parents=True, exist_ok=True)
     partial = database.with_name(database.name + ".restoring")
     shutil.copyfile(source / DB_FILE, partial)
@@ -173,11 +183,7 @@ async def restore_vectors(
         FailedPreconditionError: (RESTORE_TARGET_NOT_EMPTY) the store holds collections already.
         UnavailableError: Chroma or the embedder failed.
     """
-    if not await store.is_empty():
-        raise FailedPreconditionError(
-            f"the vector store at {store.location} holds collections already: restore only into an empty one",
-            reason="RESTORE_TARGET_NOT_EMPTY",
-        )
+    await refuse_unless_empty(None, store)
     loaded = 0
     for batch in _batches(source / VECTORS_FILE):
         await store.restore(batch)

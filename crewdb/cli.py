@@ -299,11 +299,10 @@ def _backup(settings: Settings, args: argparse.Namespace, password: str | None) 
 
 
 def _restore(settings: Settings, source: Path, *, progress: bool) -> int:
-    from crewdb.backup import place_database, read_manifest  # noqa: PLC0415
+    from crewdb.backup import read_manifest  # noqa: PLC0415
 
     try:
         manifest = read_manifest(source)
-        place_database(source, settings.database_path)
         chunks, embedded = asyncio.run(_restore_vectors(settings, source, manifest, progress=progress))
     except CrewdbError as error:
         log.error("restore failed: %s", error.message)
@@ -320,15 +319,22 @@ async def _restore_vectors(
 
     from tqdm import tqdm  # noqa: PLC0415
 
-    from crewdb.backup import restore_vectors  # noqa: PLC0415
+    from crewdb.backup import place_database, refuse_unless_empty, restore_vectors  # noqa: PLC0415
     from crewdb.server import build_embedder, build_vector_store  # noqa: PLC0415
     from crewdb.services.knowledge import KnowledgeBase  # noqa: PLC0415
     from crewdb.services.pagination import PageTokens  # noqa: PLC0415
     from crewdb.vectors.chunking import Chunker  # noqa: PLC0415
 
+    # Both targets are checked before either is written: a refused restore changes nothing.
+    store = build_vector_store(settings)
+    try:
+        await refuse_unless_empty(settings.database_path, store)
+        await asyncio.to_thread(place_database, source, settings.database_path)
+    except BaseException:
+        store.close()
+        raise
     engine, _, _ = await asyncio.to_thread(open_database, settings.database_path)  # older backups migrate
     db = Database(engine, read_threads=1)
-    store = build_vector_store(settings)
     knowledge = KnowledgeBase(
         db,
         store,

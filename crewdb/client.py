@@ -164,7 +164,9 @@ class _BearerInterceptor(
     ) -> Any:
         token = self._client.access_token()
         outcome = continuation(_with_token(details, token), request)
-        if token is None or not _unauthenticated(outcome):
+        # A `.future()` call is still running here: waiting for it to retry would make it
+        # blocking, so only finished (blocking) calls are retried.
+        if token is None or not outcome.done() or not _unauthenticated(outcome):
             return outcome
         retry_token = self._client.refresh_after_rejection(token)
         return continuation(_with_token(details, retry_token), request) if retry_token else outcome
