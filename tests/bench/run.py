@@ -13,7 +13,6 @@ import asyncio
 import os
 import platform
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from crewdb.v1 import user_service_pb2 as users_pb
 from crewdb.v1 import user_service_pb2_grpc as users_grpc
 from tests.bench.echo_server import METHOD as ECHO_METHOD
 from tests.bench.vectors import VECTOR_READING, report_vectors, run_vectors
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "docs" / "benchmarks.md"
@@ -60,12 +60,6 @@ class Result:
     def percentile(self, fraction: float) -> float:
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from crewdb.v1 import system_service_pb2, system_service_pb2_grpc, user_service_
 from crewdb.v1 import task_service_pb2 as tpb
 from crewdb.v1 import vector_service_pb2 as vpb
 from crewdb.vectors.filters import Scalar
-from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, sign_in, start_server
+from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, free_port, sign_in, start_server
 from tests.rpc_errors import failure
 
 TIMEOUT = 30.0
@@ -90,12 +89,6 @@ SEARCHES = [
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _env(settings: Settings, port: int) -> dict[str, str]:
     """What `crewdb backup`/`restore` read: the data paths and where a server would listen."""
     return {
@@ -120,7 +113,7 @@ def _backup_as_admin(server: RunningServer, destination: Path, username: str) ->
 
 
 def _restore(source: Path, target: Settings) -> int:
-    return _cli(["restore", str(source), "--no-progress"], _env(target, _free_port()))
+    return _cli(["restore", str(source), "--no-progress"], _env(target, free_port()))
 
 
 def _restored_settings(settings: Settings, folder: Path) -> Settings:
@@ -597,7 +590,7 @@ def test_backup_with_the_server_stopped_reads_chroma_directly_without_credential
     stop()
     destination = tmp_path / "backup"
 
-    code = _cli(["backup", str(destination), "--no-progress"], _env(settings, _free_port()))
+    code = _cli(["backup", str(destination), "--no-progress"], _env(settings, free_port()))
 
     assert code == 0
     manifest = json.loads((destination / "manifest.json").read_text())
@@ -751,7 +744,7 @@ def test_stop_lets_calls_in_flight_finish_and_refuses_new_ones(settings: Setting
 
 @pytest.mark.slow
 def test_sigterm_lets_a_long_call_finish_then_exits_cleanly(tmp_path: Path) -> None:
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     env = {
         **os.environ,
         "CREWDB_HOST": "127.0.0.1",

@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from crewdb.v1 import vector_service_pb2 as vector_pb
 from crewdb.v1.system_service_pb2_grpc import SystemServiceStub
 from crewdb.v1.user_service_pb2_grpc import UserServiceStub
 from crewdb.v1.vector_service_pb2_grpc import VectorServiceStub
-from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, sign_in, start_server
+from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, free_port, sign_in, start_server
 from tests.e2e.test_vectors_chroma_server import ChromaServer
 from tests.rpc_errors import failure
 
@@ -64,12 +63,6 @@ DOCUMENTS = {
     "bread": "Knead the dough for ten minutes, let it rise for an hour, then bake the loaf at 220 degrees.",
     "tides": "The moon's gravity pulls the oceans, so the sea rises and falls twice a day along the coast.",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def _status(channel: grpc.Channel, service: str) -> int:
@@ -139,7 +132,7 @@ def _trailer(call: grpc.Call, key: str) -> str:
 @pytest.fixture
 def chroma(tmp_path: Path) -> Iterator[ChromaServer]:
     """A running `chroma run` server on its own port and folder."""
-    server = ChromaServer(tmp_path / "chroma", _free_port(), tmp_path / "chroma.log")
+    server = ChromaServer(tmp_path / "chroma", free_port(), tmp_path / "chroma.log")
     server.start()
     try:
         yield server
@@ -335,7 +328,7 @@ def test_health_command_exits_3_for_an_unknown_service(
 
 def test_health_command_exits_2_when_nothing_listens(capsys: pytest.CaptureFixture[str]) -> None:
     started = time.monotonic()
-    assert _health_command(_free_port(), "", timeout=0.5) == 2
+    assert _health_command(free_port(), "", timeout=0.5) == 2
     assert time.monotonic() - started < 5
     assert "cannot connect" in capsys.readouterr().err
 
@@ -619,7 +612,7 @@ def test_json_lines_keep_an_exception_on_the_same_line() -> None:
 
 @pytest.mark.slow
 def test_serve_with_json_logs_writes_only_json_lines_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DATABASE_PATH": str(tmp_path / "app.db"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from crewdb.client import Client
 from crewdb.config import Settings
 from crewdb.server import jwt_secret
 from crewdb.v1 import conversation_service_pb2 as pb
-from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, sign_in, start_server
+from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, free_port, sign_in, start_server
 from tests.rpc_errors import failure
 
 SERVICE = "crewdb.v1.ConversationService"
@@ -153,15 +152,9 @@ def test_an_unexpected_failure_is_internal_with_a_request_id_and_no_traceback(
     assert logged[0].exc_info is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_serve_subprocess_serves_then_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DATABASE_PATH": str(tmp_path / "app.db"),

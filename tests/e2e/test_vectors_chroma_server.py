@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from crewdb.v1 import user_service_pb2
 from crewdb.v1 import vector_service_pb2 as pb
 from crewdb.v1.conversation_service_pb2_grpc import ConversationServiceStub
 from crewdb.v1.vector_service_pb2_grpc import VectorServiceStub
-from tests.conftest import RunningServer, sign_in, start_server
+from tests.conftest import RunningServer, free_port, sign_in, start_server
 from tests.rpc_errors import failure
 
 pytestmark = pytest.mark.slow
@@ -47,13 +46,6 @@ DOCUMENTS = {
     "python": "A Python list comprehension builds a new list by applying an expression to each item.",
 }
 BREAD_QUERY = "how long should I bake homemade bread in the oven"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class ChromaServer:
@@ -133,7 +125,7 @@ class ChromaServer:
 @pytest.fixture
 def chroma_server(tmp_path: Path) -> Iterator[ChromaServer]:
     """A Chroma server on its own port and folder, not yet started."""
-    server = ChromaServer(tmp_path / "chroma", _free_port(), tmp_path / "chroma.log")
+    server = ChromaServer(tmp_path / "chroma", free_port(), tmp_path / "chroma.log")
     try:
         yield server
     finally:
