@@ -36,6 +36,9 @@ VECTOR_TIMEOUT = 3.0
 # Every call gets this deadline; a call failing on a down Chroma must return well before it.
 DEADLINE = 10.0
 QUICKLY = VECTOR_TIMEOUT + 2.0
+# Conversation calls during an outage: under the vector timeout, so a loop blocked by the store
+# would show, but with room for a loaded 2-core machine.
+PROMPTLY = 2.5
 STARTUP_TIMEOUT = 30.0
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 VECTOR_STORE_UNAVAILABLE = "VECTOR_STORE_UNAVAILABLE"
@@ -208,11 +211,12 @@ def _assert_vector_store_unavailable(vectors: VectorServiceStub) -> None:
 
 
 def _assert_conversations_answer_at_once(conversations: ConversationServiceStub, when: str) -> None:
-    """CreateConversation and AddMessage succeed within a second."""
+    """CreateConversation and AddMessage succeed promptly: well within the hang, with room for a
+    busy machine (a blocked event loop would hold them for the whole vector timeout and more)."""
     started = time.monotonic()
     try:
         conversation: conversation_pb.Conversation = conversations.CreateConversation(
-            conversation_pb.CreateConversationRequest(title="During a Chroma outage"), timeout=2.0
+            conversation_pb.CreateConversationRequest(title="During a Chroma outage"), timeout=PROMPTLY
         )
         conversations.AddMessage(
             conversation_pb.AddMessageRequest(
@@ -220,14 +224,14 @@ def _assert_conversations_answer_at_once(conversations: ConversationServiceStub,
                 role=conversation_pb.MESSAGE_ROLE_USER,
                 content="still there?",
             ),
-            timeout=2.0,
+            timeout=PROMPTLY,
         )
     except grpc.RpcError as error:
         pytest.fail(
             f"ConversationService failed {when}: {error.code()} after {time.monotonic() - started:.1f}s"
         )
     elapsed = time.monotonic() - started
-    assert elapsed < 1.0, f"conversation calls took {elapsed:.1f}s {when}"
+    assert elapsed < PROMPTLY, f"conversation calls took {elapsed:.1f}s {when}"
 
 
 def test_documents_are_added_searched_counted_and_deleted_in_the_chroma_server(
