@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from crewdb.errors import FieldViolation, InvalidArgumentError
 from crewdb.models import (
@@ -228,6 +228,34 @@ def task_statuses(numbers: Iterable[int], field: str = "statuses") -> list[TaskS
     if any(status is None for status in statuses):
         raise InvalidArgumentError.of([FieldViolation(field, "each a known task status")])
     return [status for status in statuses if status is not None]
+
+
+# Timestamps crewdb accepts: what google.protobuf.Timestamp allows (years 1 to 9999).
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+# Durations crewdb accepts: 0 to 100 years.
+_MAX_DURATION_SECONDS = 100 * 366 * 24 * 3600
+
+
+def optional_time(message: Any, name: str) -> datetime | None:
+    """A Timestamp field as a datetime, None when unset; a malformed one (nanos outside
+    0..999,999,999, a year outside 1..9999) raises InvalidArgumentError naming the field."""
+    if not message.HasField(name):
+        return None
+    value: timestamp_pb2.Timestamp = getattr(message, name)
+    if not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos < 1_000_000_000):
+        raise InvalidArgumentError.of([FieldViolation(name, "not a valid timestamp (years 1 to 9999)")])
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def optional_duration(message: Any, name: str) -> timedelta | None:
+    """A Duration field as a timedelta, None when unset; a negative, malformed or longer than
+    100 years one raises InvalidArgumentError naming the field."""
+    if not message.HasField(name):
+        return None
+    value: duration_pb2.Duration = getattr(message, name)
+    if not (0 <= value.seconds <= _MAX_DURATION_SECONDS and 0 <= value.nanos < 1_000_000_000):
+        raise InvalidArgumentError.of([FieldViolation(name, "must be from 0 to 100 years")])
+    return timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
 
 
 def optional_struct(message: Any, name: str) -> JsonObject | None:

@@ -21,6 +21,10 @@ from crewdb.errors import (
 ERROR_DOMAIN = "crewdb.v1"
 DETAILS_KEY = "grpc-status-details-bin"
 INTERNAL_MESSAGE = "internal error"
+# Error details travel in headers, and a default client refuses more than 8 KiB of them.
+MAX_MESSAGE = 600
+MAX_VIOLATIONS = 10
+MAX_VIOLATION_TEXT = 120
 
 _CODES: dict[type[CrewdbError], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -48,19 +52,35 @@ def from_error(error: CrewdbError, request_id: str) -> tuple[grpc.StatusCode, st
     """(code, message, trailing metadata with the google.rpc.Status) for a domain error."""
     code = status_code(error)
     details = [_error_info(error.reason, request_id)]
+    message = _clip(error.message, MAX_MESSAGE)
     if isinstance(error, InvalidArgumentError) and error.violations:
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in error.violations
-            ]
-        )
-        details.append(_pack(bad_request))
+        # Within the 8 KiB of headers a default client accepts: a request with hundreds of bad
+        # items gets the first of them and a count of the rest.
+        shown = error.violations[:MAX_VIOLATIONS]
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(
+                field=_clip(v.field, MAX_VIOLATION_TEXT), description=_clip(v.description, MAX_VIOLATION_TEXT)
+            )
+            for v in shown
+        ]
+        if len(error.violations) > len(shown):
+            more = len(error.violations) - len(shown)
+            violations.append(
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=_clip(error.violations[len(shown)].field, MAX_VIOLATION_TEXT),
+                    description=f"and {more} more problems like these",
+                )
+            )
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
     if isinstance(error, ResourceExhaustedError) and error.retry_after_seconds is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    return code, error.message, _trailers(code, error.message, details)
+    return code, message, _trailers(code, message, details)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def internal(request_id: str) -> tuple[grpc.StatusCode, str, Trailers]:

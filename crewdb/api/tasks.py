@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, timedelta
 from typing import Any
 
 from crewdb.api import convert
@@ -26,7 +25,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
             priority=request.priority,
             data=convert.optional_struct(request, "data"),
             metadata=convert.optional_struct(request, "metadata"),
-            run_after=request.run_after.ToDatetime(tzinfo=UTC) if request.HasField("run_after") else None,
+            run_after=convert.optional_time(request, "run_after"),
             dedup_key=request.dedup_key,
             max_attempts=request.max_attempts,
         )
@@ -85,10 +84,6 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
         return convert.task(failed)
 
     async def PurgeTasks(self, request: pb.PurgeTasksRequest, context: Context) -> pb.PurgeTasksResponse:
-        older_than = (
-            timedelta(microseconds=request.older_than.ToMicroseconds())
-            if request.HasField("older_than")
-            else None
-        )
+        older_than = convert.optional_duration(request, "older_than")
         deleted = await self._tasks.purge(convert.task_statuses(request.statuses), older_than)
         return pb.PurgeTasksResponse(deleted=deleted)
