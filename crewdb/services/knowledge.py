@@ -106,7 +106,12 @@ class KnowledgeBase:
         """
         _check_documents(inputs)
         model = self._embedder.model
-        chunked = [(doc, self._chunker.split(doc.text)) for doc in inputs]
+        # Off the event loop: a call may carry megabytes of text.
+        loop = asyncio.get_running_loop()
+        splits = await loop.run_in_executor(
+            self._embed_pool, lambda: [self._chunker.split(d.text) for d in inputs]
+        )
+        chunked = list(zip(inputs, splits, strict=True))
         texts = [chunk.text for _, chunks in chunked for chunk in chunks]
         vectors = await self._embed(texts)
         owner = caller.user_id

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -359,3 +360,62 @@ def test_while_chroma_hangs_each_vector_call_fails_within_the_vector_timeout_and
         chroma.resume()
 
     assert _search(alice.vectors)[0] == "bread"
+
+
+def test_under_load_a_chroma_restart_fails_only_vector_calls_fast_and_they_recover_by_themselves(
+    chroma: ChromaServer, crewdb: RunningServer, alice: Client
+) -> None:
+    _add(alice.vectors, DOCUMENTS)
+    conversation = alice.conversations.CreateConversation(
+        conversation_pb.CreateConversationRequest(title="under load"), timeout=DEADLINE
+    )
+    outcomes: dict[str, list[tuple[float, grpc.StatusCode | None, float]]] = {"vectors": [], "chats": []}
+    stop = threading.Event()
+
+    def keep_calling(kind: str, call: Callable[[], object]) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                call()
+                code = None
+            except grpc.RpcError as error:
+                code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+            outcomes[kind].append((started, code, time.monotonic() - started))
+
+    def chat() -> object:
+        request = conversation_pb.AddMessageRequest(
+            conversation_id=conversation.id, role=conversation_pb.MESSAGE_ROLE_USER, content="still here"
+        )
+        return alice.conversations.AddMessage(request, timeout=DEADLINE)
+
+    callers = [
+        threading.Thread(target=keep_calling, args=("vectors", lambda: _search(alice.vectors))),
+        threading.Thread(target=keep_calling, args=("vectors", lambda: _stats(alice.vectors))),
+        threading.Thread(target=keep_calling, args=("chats", chat)),
+        threading.Thread(target=keep_calling, args=("chats", chat)),
+    ]
+    for caller in callers:
+        caller.start()
+    try:
+        time.sleep(1.0)
+        chroma.stop()
+        time.sleep(2 * VECTOR_TIMEOUT)
+        chroma.start()
+        recovered_by = time.monotonic() + 30
+        while time.monotonic() < recovered_by:  # until searches succeed again, with no restart
+            time.sleep(0.5)
+            recent = [o for o in outcomes["vectors"] if o[0] > time.monotonic() - 1.5]
+            if recent and all(code is None for _, code, _ in recent):
+                break
+        else:
+            pytest.fail("vector calls did not recover after Chroma came back")
+    finally:
+        stop.set()
+        for caller in callers:
+            caller.join(timeout=30)
+
+    assert all(code is None for _, code, _ in outcomes["chats"]), "conversation calls failed meanwhile"
+    failed = [(code, took) for _, code, took in outcomes["vectors"] if code is not None]
+    assert failed, "no vector call ran while Chroma was down"
+    assert {code for code, _ in failed} == {UNAVAILABLE}
+    assert max(took for _, took in failed) < QUICKLY
