@@ -76,8 +76,17 @@ _KEYWORD = (
         document_chunks.c.end_offset,
         document_chunks.c.text,
         _FTS_RANK.label("rank"),
+        documents.c.revision,
+        documents.c.title,
+        documents.c.metadata,
     )
-    .select_from(_fts.join(document_chunks, document_chunks.c.id == _fts.c.rowid))
+    .select_from(
+        _fts.join(document_chunks, document_chunks.c.id == _fts.c.rowid).join(
+            documents,
+            (documents.c.owner_id == document_chunks.c.owner_id)
+            & (documents.c.id == document_chunks.c.document_id),
+        )
+    )
     .where(literal_column("document_chunks_fts").match(bindparam("p_query")))
     .where(document_chunks.c.owner_id == bindparam("p_owner"))
     .order_by(literal_column("rank"))
@@ -97,6 +106,8 @@ class Version:
 
 @dataclass(frozen=True, slots=True)
 class KeywordHit:
+    """A chunk keyword search found, with its document's labels read in the same query."""
+
     document_id: str
     chunk_index: int
     start: int
@@ -104,6 +115,9 @@ class KeywordHit:
     text: str
     # FTS5's BM25: lower (more negative) is better.
     rank: float
+    revision: int
+    title: str
+    metadata: JsonObject
 
 
 def position(document: Document) -> Position:
@@ -240,7 +254,7 @@ def keyword_search(conn: Connection, owner: str, query: str, limit: int) -> list
         return []
     match = " OR ".join(f'"{word}"' for word in words)
     rows = conn.execute(_KEYWORD, {"p_query": match, "p_owner": owner, "p_limit": limit}).all()
-    return [KeywordHit(*row) for row in rows]
+    return [KeywordHit(*row[:-1], json.loads(row.metadata)) for row in rows]
 
 
 def chunks_of(conn: Connection, owner: str, document_id: str) -> list[Chunk]:

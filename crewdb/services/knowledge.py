@@ -2,9 +2,12 @@
 
 SQLite's `documents` table is the source of truth; Chroma holds the chunks' vectors. A write
 puts the new chunks into Chroma first, under a new revision, then commits the document in
-SQLite, then deletes the old revision's chunks. A search keeps only chunks whose revision is
-the one SQLite holds, so a write that fails half-way is never visible: the caller sees either
-the old document or the new one. An owner's writes are serialised (one lock per owner).
+SQLite, then deletes the old revision's chunks. A search keeps only chunks of the revision
+SQLite holds (and of its chunk count), so a write that fails half-way is never visible: the
+caller sees either the old document or the new one. A revision that failed is never used
+again. An owner's writes are serialised (one lock per owner) and, once they start changing
+stores, run to the end even if the caller gives up: a cancelled write must not release the
+lock while its threads still write.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import asyncio
 import logging
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from crewdb.clock import Clock
 from crewdb.db import documents as queries
@@ -48,6 +51,7 @@ from crewdb.vectors.filters import (
 from crewdb.vectors.store import StoredChunk, VectorStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DOCUMENT_NOT_FOUND = "DOCUMENT_NOT_FOUND"
 MAX_DOCUMENTS_PER_CALL = 100
@@ -86,12 +90,23 @@ class KnowledgeBase:
         self._page_tokens = page_tokens
         self._clock = clock
         self._embed_pool = ThreadPoolExecutor(embed_threads, thread_name_prefix="crewdb-embed")
+        # Queries get a thread of their own: a search must not wait behind a large upload.
+        self._query_pool = ThreadPoolExecutor(1, thread_name_prefix="crewdb-embed-query")
         self._owner_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # (owner, document id) -> the last revision a failed write may have left chunks under.
+        self._failed_revisions: dict[tuple[str, str], int] = {}
+        self._writes: set[asyncio.Task[Any]] = set()
 
     def close(self) -> None:
         # Not waiting: an embedding whose caller gave up finishes on its own and is dropped.
         self._embed_pool.shutdown(wait=False, cancel_futures=True)
+        self._query_pool.shutdown(wait=False, cancel_futures=True)
         self._embedder.close()
+
+    async def drain(self) -> None:
+        """Waits for the writes whose callers gave up (they run to the end); for shutdown."""
+        if self._writes:
+            await asyncio.wait(set(self._writes))
 
     # --- writes -------------------------------------------------------------------------------
 
@@ -115,32 +130,44 @@ class KnowledgeBase:
         texts = [chunk.text for _, chunks in chunked for chunk in chunks]
         vectors = await self._embed(texts)
         owner = caller.user_id
-        async with self._owner_lock(owner):
-            stored = await self._db.read(lambda conn: queries.versions(conn, owner, [d.id for d in inputs]))
-            now = self._clock.now()
-            records: list[tuple[Document, list[Chunk]]] = []
-            ids: list[str] = []
-            metadatas: list[dict[str, Scalar]] = []
-            for doc, chunks in chunked:
-                old = stored.get(doc.id)
-                revision = old.revision + 1 if old else 1
-                record = Document(
-                    id=doc.id,
-                    owner_id=owner,
-                    title=doc.title,
-                    metadata=doc.metadata,
-                    text=doc.text,
-                    chunk_count=len(chunks),
-                    char_count=len(doc.text),
-                    revision=revision,
-                    embedding_model=model,
-                    created_at=now,
-                    updated_at=now,
-                )
-                records.append((record, chunks))
-                for chunk in chunks:
-                    ids.append(_chunk_key(doc.id, chunk.index, revision))
-                    metadatas.append(_chunk_metadata(record, chunk))
+        return await self._exclusive(owner, lambda: self._write(owner, model, chunked, vectors))
+
+    async def _write(
+        self,
+        owner: str,
+        model: str,
+        chunked: list[tuple[NewDocument, list[Chunk]]],
+        vectors: list[Vector],
+    ) -> list[AddedDocument]:
+        """The store-changing half of `add`, under the owner's lock."""
+        stored = await self._db.read(lambda conn: queries.versions(conn, owner, [d.id for d, _ in chunked]))
+        now = self._clock.now()
+        records: list[tuple[Document, list[Chunk]]] = []
+        ids: list[str] = []
+        texts: list[str] = []
+        metadatas: list[dict[str, Scalar]] = []
+        for doc, chunks in chunked:
+            old = stored.get(doc.id)
+            last = max(old.revision if old else 0, self._failed_revisions.get((owner, doc.id), 0))
+            record = Document(
+                id=doc.id,
+                owner_id=owner,
+                title=doc.title,
+                metadata=doc.metadata,
+                text=doc.text,
+                chunk_count=len(chunks),
+                char_count=len(doc.text),
+                revision=last + 1,
+                embedding_model=model,
+                created_at=now,
+                updated_at=now,
+            )
+            records.append((record, chunks))
+            for chunk in chunks:
+                ids.append(_chunk_key(doc.id, chunk.index, record.revision))
+                texts.append(chunk.text)
+                metadatas.append(_chunk_metadata(record, chunk))
+        try:
             await self._store.upsert(
                 owner, model, ids=ids, embeddings=vectors, texts=texts, metadatas=metadatas
             )
@@ -149,12 +176,20 @@ class KnowledgeBase:
                 return [queries.save_document(conn, record, chunks) for record, chunks in records]
 
             replaced = await self._db.write(save)
-            stale = [
-                _chunk_key(doc_id, i, version.revision)
-                for doc_id, version in stored.items()
-                for i in range(version.chunk_count)
-            ]
-            await self._forget_chunks(owner, stale)
+        except BaseException as error:
+            # The new revision is not current, so its chunks are invisible; some may still
+            # arrive from a timed-out Chroma call, so the revision number is never used again.
+            for record, _ in records:
+                self._failed_revisions[(owner, record.id)] = record.revision
+            # A failed write transaction rolled back: what the new revision put into Chroma goes.
+            # Not so after a cancellation (shutdown), when the commit may still land: the
+            # start-up check deletes whatever SQLite does not hold.
+            if not isinstance(error, asyncio.CancelledError):
+                await self._forget_chunks(owner, ids)
+            raise
+        for record, _ in records:
+            self._failed_revisions.pop((owner, record.id), None)
+        await self._forget_chunks(owner, _keys(stored))
         return [
             AddedDocument(record.id, record.chunk_count, was_replaced)
             for (record, _), was_replaced in zip(records, replaced, strict=True)
@@ -178,16 +213,18 @@ class KnowledgeBase:
         where, filter_violations = to_where(filter_, "filter")
         raise_if(violations + filter_violations)
         owner = caller.user_id
-        async with self._owner_lock(owner):
+
+        async def work() -> list[str]:
+            targets = ids
             if where is not None:
-                ids = await self._current_documents(owner, await self._store.matching(owner, where))
-            targets = await self._db.read(lambda conn: queries.versions(conn, owner, ids))
-            await self._store.delete(
-                owner,
-                [_chunk_key(id_, i, v.revision) for id_, v in targets.items() for i in range(v.chunk_count)],
-            )
-            deleted = await self._db.write(lambda conn: queries.delete_documents(conn, owner, list(targets)))
-        return sorted(deleted)
+                targets = await self._current_documents(owner, await self._store.matching(owner, where))
+            # SQLite first: once the documents are gone there, their chunks are invisible, so a
+            # failure deleting them from Chroma loses nothing (the start-up check removes them).
+            deleted = await self._db.write(lambda conn: queries.delete_documents(conn, owner, targets))
+            await self._forget_chunks(owner, _keys(deleted))
+            return sorted(deleted)
+
+        return await self._exclusive(owner, work)
 
     async def reembed(self, owner: str, document_id: str) -> int:
         """Embeds a stored document's chunks again and puts them into Chroma under its current
@@ -228,12 +265,11 @@ class KnowledgeBase:
             async with self._owner_lock(owner):
                 stored = await self._store.chunk_labels(owner)
                 current = await self._db.read(lambda conn: queries.all_versions(conn, owner))  # noqa: B023
-                stale = [
-                    key for key, doc, rev in stored if doc not in current or current[doc].revision != rev
-                ]
-                counts = Counter(
-                    doc for _, doc, rev in stored if doc in current and current[doc].revision == rev
-                )
+                live = {
+                    _chunk_key(doc, i, v.revision) for doc, v in current.items() for i in range(v.chunk_count)
+                }
+                stale = [key for key, _, _ in stored if key not in live]
+                counts = Counter(doc for key, doc, _ in stored if key in live)
                 incomplete = [doc for doc, version in current.items() if counts[doc] != version.chunk_count]
                 await self._store.delete(owner, stale)
             deleted += len(stale)
@@ -337,13 +373,13 @@ class KnowledgeBase:
     # --- the legs of a search -----------------------------------------------------------------
 
     async def _semantic(self, owner: str, query: str, limit: int, where: Where | None) -> list[ChunkHit]:
-        (vector,) = await self._embed([query])
+        (vector,) = await self._embed([query], query=True)
         found = await self._store.query(owner, self._embedder.model, vector, limit + _STALE_SLACK, where)
         current = await self._versions(owner, [_document_of(chunk) for chunk in found])
         hits = []
         for chunk in found:
             version = current.get(_document_of(chunk))
-            if version is None or chunk.metadata.get("_rev") != version.revision:
+            if version is None or not _is_current(chunk, version):
                 continue
             hits.append(
                 ChunkHit(
@@ -360,20 +396,18 @@ class KnowledgeBase:
         return hits[:limit]
 
     async def _keyword(self, owner: str, query: str, limit: int, where: Where | None) -> list[ChunkHit]:
-        # Ranked in SQLite; with a filter, more candidates are ranked and Chroma says which match.
+        # Ranked in SQLite, with each chunk's document in the same read (a document deleted
+        # meanwhile is simply not found); with a filter, more candidates are ranked and Chroma
+        # says which match.
         depth = limit if where is None else max(limit * 5, 50)
         found = await self._db.read(lambda conn: queries.keyword_search(conn, owner, query, depth))
-        current = await self._versions(owner, [hit.document_id for hit in found])
         if where is not None:
-            keys = {
-                _chunk_key(h.document_id, h.chunk_index, current[h.document_id].revision): h for h in found
-            }
+            keys = {_chunk_key(h.document_id, h.chunk_index, h.revision): h for h in found}
             matching = {chunk.id for chunk in await self._store.matching(owner, where, list(keys))}
             found = [hit for key, hit in keys.items() if key in matching]
         hits = []
         for hit in found:
             strength = -hit.rank  # BM25 as FTS5 reports it: more negative is better
-            version = current[hit.document_id]
             hits.append(
                 ChunkHit(
                     document_id=hit.document_id,
@@ -382,19 +416,20 @@ class KnowledgeBase:
                     end=hit.end,
                     text=hit.text,
                     score=max(0.0, strength / (1.0 + strength)),
-                    title=version.title,
-                    metadata=version.metadata,
+                    title=hit.title,
+                    metadata=hit.metadata,
                 )
             )
         return hits[:limit]
 
     # --- helpers ------------------------------------------------------------------------------
 
-    async def _embed(self, texts: list[str]) -> list[Vector]:
+    async def _embed(self, texts: list[str], *, query: bool = False) -> list[Vector]:
         if not texts:
             return []
         loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self._embed_pool, self._embedder.embed, texts)
+        pool = self._query_pool if query else self._embed_pool
+        vectors = await loop.run_in_executor(pool, self._embedder.embed, texts)
         if len(vectors) != len(texts):
             raise UnavailableError("the embedder returned the wrong number of vectors")
         return vectors
@@ -407,10 +442,10 @@ class KnowledgeBase:
         current = await self._versions(owner, [_document_of(chunk) for chunk in chunks])
         return sorted(
             {
-                _document_of(chunk)
+                doc
                 for chunk in chunks
-                if _document_of(chunk) in current
-                and chunk.metadata.get("_rev") == current[_document_of(chunk)].revision
+                if (version := current.get(doc := _document_of(chunk))) is not None
+                and _is_current(chunk, version)
             }
         )
 
@@ -422,6 +457,25 @@ class KnowledgeBase:
             log.warning(
                 "could not delete %d replaced chunks of owner %s; they are never returned", len(keys), owner
             )
+
+    async def _exclusive(self, owner: str, work: Callable[[], Awaitable[T]]) -> T:
+        """Runs `work` under the owner's lock, to the end even if the caller is cancelled: the
+        lock is held until the last store has answered, so the next write sees what this one did."""
+
+        async def locked() -> T:
+            async with self._owner_lock(owner):
+                return await work()
+
+        task = asyncio.ensure_future(locked())
+        self._writes.add(task)
+        task.add_done_callback(self._finished)
+        return await asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Raised to the caller too, unless the caller had gone; then this is the only trace.
+            log.debug("knowledge base write ended with %s", type(error).__name__)
 
     def _owner_lock(self, owner: str) -> asyncio.Lock:
         lock = self._owner_locks.get(owner)
@@ -452,6 +506,22 @@ def _chunk_metadata(document: Document, chunk: Chunk) -> dict[str, Scalar]:
         "_end": chunk.end,
     }
     return {**stored_metadata(document.metadata), **reserved}
+
+
+def _keys(versions: dict[str, queries.Version]) -> list[str]:
+    """The Chroma ids of these documents' chunks."""
+    return [_chunk_key(doc, i, v.revision) for doc, v in versions.items() for i in range(v.chunk_count)]
+
+
+def _is_current(chunk: StoredChunk, version: queries.Version) -> bool:
+    """True if the chunk belongs to the stored revision (a failed write of the same revision
+    number cannot have left it: revisions are not reused, and its index is within the count)."""
+    index = chunk.metadata.get("_idx", -1)
+    return (
+        chunk.metadata.get("_rev") == version.revision
+        and isinstance(index, int)
+        and 0 <= index < version.chunk_count
+    )
 
 
 def _document_of(chunk: StoredChunk) -> str:
