@@ -19,7 +19,7 @@ from crewdb.api import reflection
 from crewdb.api.conversations import ConversationServicer
 from crewdb.api.health import HealthReporter
 from crewdb.api.metrics import Metrics
-from crewdb.api.middleware import mount
+from crewdb.api.middleware import CallLimit, mount
 from crewdb.api.system import SystemServicer
 from crewdb.api.tasks import TaskServicer
 from crewdb.api.users import UserServicer
@@ -113,18 +113,26 @@ class App:
     accounts: Accounts
     knowledge: KnowledgeBase
     vectors: VectorStore
+    task_events: TaskEvents
     background: list[asyncio.Task[None]]
     metrics: Metrics | None = None
     metrics_port: int | None = None
 
     async def stop(self, grace: float | None) -> None:
-        """Reports NOT_SERVING, ends watchers, lets in-flight calls finish, closes the database."""
+        """Reports NOT_SERVING, ends every stream, lets in-flight calls finish, closes the database.
+
+        Streams end first (health Watch with OK after NOT_SERVING, WatchMessages and WatchTask
+        with UNAVAILABLE, waiting ClaimTask calls with no task): otherwise they would hold the
+        drain for the whole grace period, and then end cancelled.
+        """
         await self.health.shutdown()
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         self.events.close()
+        self.task_events.close()
         await self.server.stop(grace)
+        await self.knowledge.drain()  # writes whose callers gave up still run to the end
         self.hasher.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -243,7 +251,8 @@ async def build_server(settings: Settings) -> App:  # noqa: PLR0915 - the one pl
         refresh_grace=settings.refresh_grace,
     )
     conversations = ConversationService(db, events, page_tokens, clock)
-    tasks = TaskService(db, TaskEvents(), page_tokens, clock)
+    task_events = TaskEvents()
+    tasks = TaskService(db, task_events, page_tokens, clock)
     vectors = build_vector_store(settings)
     embedder = build_embedder(settings)
     knowledge = KnowledgeBase(
@@ -255,15 +264,16 @@ async def build_server(settings: Settings) -> App:  # noqa: PLR0915 - the one pl
         clock=clock,
     )
 
-    server = aio.server(
-        options=server_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs
-    )
+    # No `maximum_concurrent_rpcs` here: grpc would count health probes too. The limit is
+    # kept for crewdb's own calls only (CallLimit), so a probe is always answered.
+    server = aio.server(options=server_options(settings))
     metrics = Metrics() if settings.metrics_port is not None else None
     auth = accounts.authenticate
-    mount(server, UserServicer(accounts), USER_DESCRIPTOR, auth, metrics)
-    mount(server, ConversationServicer(conversations), CONVERSATION_DESCRIPTOR, auth, metrics)
-    mount(server, TaskServicer(tasks), TASK_DESCRIPTOR, auth, metrics)
-    mount(server, VectorServicer(knowledge), VECTOR_DESCRIPTOR, auth, metrics)
+    limit = CallLimit(settings.max_concurrent_rpcs)
+    mount(server, UserServicer(accounts), USER_DESCRIPTOR, auth, metrics, limit=limit)
+    mount(server, ConversationServicer(conversations), CONVERSATION_DESCRIPTOR, auth, metrics, limit=limit)
+    mount(server, TaskServicer(tasks), TASK_DESCRIPTOR, auth, metrics, limit=limit)
+    mount(server, VectorServicer(knowledge), VECTOR_DESCRIPTOR, auth, metrics, limit=limit)
     dependencies = Dependencies(
         db, settings.database_path, vectors, embedder, timeout=settings.health_check_timeout
     )
@@ -274,7 +284,8 @@ async def build_server(settings: Settings) -> App:  # noqa: PLR0915 - the one pl
         settings.health_check_interval,
         on_results=metrics.record_checks if metrics else None,
     )
-    mount(server, SystemServicer(dependencies, reporter, vectors), SYSTEM_DESCRIPTOR, auth, metrics)
+    system = SystemServicer(dependencies, reporter, vectors)
+    mount(server, system, SYSTEM_DESCRIPTOR, auth, metrics, limit=limit)
     services = [name for name in HEALTH_DEPENDENCIES if name]
     reflection.enable(server, [*services, health.SERVICE_NAME])
 
@@ -326,6 +337,7 @@ async def build_server(settings: Settings) -> App:  # noqa: PLR0915 - the one pl
         accounts=accounts,
         knowledge=knowledge,
         vectors=vectors,
+        task_events=task_events,
         background=background,
         metrics=metrics,
         metrics_port=metrics_port,

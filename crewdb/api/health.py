@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
+import grpc
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crewdb.services.health import CheckResult, Dependencies
 
@@ -16,7 +18,56 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 LIVENESS = "liveness"
+
+
+class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc] # grpc_health ships no types
+    """grpc.health.v1 Check and Watch over a table of statuses.
+
+    In place of grpcio-health-checking's servicer, whose Watch streams never end: they held a
+    shutdown for its whole grace period. Here `shutdown` reports NOT_SERVING to every watcher
+    and then ends each Watch with OK. A slow watcher never delays `set` (no lock is shared).
+    """
+
+    def __init__(self) -> None:
+        self._statuses: dict[str, int] = {}
+        self._changed = asyncio.Event()
+        self._ended = False
+
+    def set(self, service: str, status: int) -> None:
+        """Sets a name's status and wakes its watchers; ignored after `shutdown`."""
+        if not self._ended:
+            self._statuses[service] = status
+            self._wake()
+
+    def shutdown(self) -> None:
+        """Every name NOT_SERVING for good; each Watch sends that, then ends."""
+        self._statuses = dict.fromkeys(self._statuses, NOT_SERVING)
+        self._ended = True
+        self._wake()
+
+    async def Check(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        status = self._statuses.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no health status for {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        last = None
+        while True:
+            changed = self._changed  # taken before reading: a change after the read sets it
+            status = self._statuses.get(request.service, SERVICE_UNKNOWN)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            if self._ended:
+                return
+            await changed.wait()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()  # watchers hold the old one, now set
 
 
 class HealthReporter:
@@ -37,7 +88,7 @@ class HealthReporter:
         *,
         on_results: Callable[[dict[str, CheckResult]], None] | None = None,
     ) -> None:
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = HealthService()
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
         self._dependencies = dependencies
         self._services = {LIVENESS: (), **services}
@@ -66,7 +117,7 @@ class HealthReporter:
         for service, needs in self._services.items():
             serving = all(results[need].up for need in needs)
             if self._serving.get(service) != serving:
-                await self.servicer.set(service, SERVING if serving else NOT_SERVING)
+                self.servicer.set(service, SERVING if serving else NOT_SERVING)
                 self._serving[service] = serving
         if self._on_results is not None:
             self._on_results(results)
@@ -77,15 +128,22 @@ class HealthReporter:
         return {name: "SERVING" if serving else "NOT_SERVING" for name, serving in self._serving.items()}
 
     async def shutdown(self) -> None:
-        """Reports NOT_SERVING for good, so probes stop sending traffic during the drain."""
+        """Reports NOT_SERVING for good, so probes stop sending traffic during the drain, and
+        ends every Watch stream."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.servicer.enter_graceful_shutdown()
+        self.servicer.shutdown()
         self._serving = dict.fromkeys(self._serving, False)
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:
+                # A failure in one check is that check's result (Dependencies); this is for a
+                # defect anywhere else in a round. The statuses keep their last values and the
+                # next round tries again: a checker that died would leave them stale for good.
+                log.exception("health check round failed; the next one runs in %gs", self._interval)

@@ -1,4 +1,4 @@
-"""Prometheus metrics on an optional HTTP port: calls, latency, in flight, streams, queue, dependencies."""
+"""Prometheus metrics on an optional HTTP port: calls, latency, streams, refusals, queue, dependencies."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ class MethodMetrics:
     in_flight: Any
     latency: Any
     streams: Any | None
+    refused: Any
 
     def begin(self) -> float:
         self.in_flight.inc()
@@ -68,6 +69,12 @@ class Metrics:
         self._streams = Gauge(
             "crewdb_streams_open", "Open server streams", ["method"], registry=self.registry
         )
+        self._refused = Counter(
+            "crewdb_rpc_refused",
+            "Calls refused at once because CREWDB_MAX_CONCURRENT_RPCS calls were in progress",
+            ["method"],
+            registry=self.registry,
+        )
         self._up = Gauge(
             "crewdb_dependency_up",
             "1 if the dependency passed its last check",
@@ -89,6 +96,7 @@ class Metrics:
             self._in_flight.labels(method),
             self._latency.labels(method),
             self._streams.labels(method) if streaming else None,
+            self._refused.labels(method),
         )
 
     def record_checks(self, results: dict[str, CheckResult]) -> None:

@@ -20,7 +20,13 @@ from grpc import aio
 from crewdb import logs
 from crewdb.api import status
 from crewdb.api.metrics import MethodMetrics, Metrics
-from crewdb.errors import CrewdbError, InvalidArgumentError, PermissionDeniedError, UnauthenticatedError
+from crewdb.errors import (
+    CrewdbError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
 from crewdb.models import Principal
 from crewdb.v1 import options_pb2
 
@@ -35,6 +41,9 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 Authenticate = Callable[[str | None], Principal]
 
 _caller: ContextVar[Principal | None] = ContextVar("crewdb_caller", default=None)
+# The client's address (`ipv4:10.0.0.5:41234`: the port tells connections apart), read when the
+# call starts: grpc frees a cancelled call's state, and asking its context then crashes.
+_peer: ContextVar[str] = ContextVar("crewdb_peer", default="-")
 
 
 def caller() -> Principal:
@@ -43,6 +52,46 @@ def caller() -> Principal:
     if principal is None:  # a public method asking for a caller: a wiring mistake
         raise UnauthenticatedError("sign in first")
     return principal
+
+
+class CallLimit:
+    """At most `maximum` crewdb calls in progress at once (CREWDB_MAX_CONCURRENT_RPCS); one more
+    is refused at once with RESOURCE_EXHAUSTED (TOO_MANY_CALLS), never queued.
+
+    Counted here, not by grpc's `maximum_concurrent_rpcs`: that one counts every call, health
+    probes included, so enough idle streams made liveness and readiness probes fail and a
+    healthy server got restarted. grpc.health.v1 and server reflection are not mounted through
+    this module, so they are never counted and never refused: a probe is always answered.
+
+    Server streams (WatchMessages, WatchTask, ExportVectors) count for as long as they are
+    open: each holds a coroutine, buffers and a subscription, and this limit is what bounds
+    them. A flood of idle watchers can therefore refuse new crewdb calls, but never a probe.
+    Every wrapper runs on the event loop's thread, so a plain counter needs no lock.
+    """
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.in_progress = 0
+
+    def enter(self, metrics: MethodMetrics | None) -> None:
+        """Takes a place for a call; `leave` gives it back.
+
+        Raises:
+            ResourceExhaustedError: (TOO_MANY_CALLS) `maximum` calls are in progress; counted
+                in `crewdb_rpc_refused_total`.
+        """
+        if self.in_progress >= self.maximum:
+            if metrics is not None:
+                metrics.refused.inc()
+            raise ResourceExhaustedError(
+                f"the server is at its limit of {self.maximum} calls in progress: retry shortly",
+                retry_after_seconds=1.0,
+                reason="TOO_MANY_CALLS",
+            )
+        self.in_progress += 1
+
+    def leave(self) -> None:
+        self.in_progress -= 1
 
 
 def access_of(method: MethodDescriptor) -> int:
@@ -57,9 +106,12 @@ def mount(
     service: ServiceDescriptor,
     authenticate: Authenticate,
     metrics: Metrics | None = None,
+    *,
+    limit: CallLimit,
 ) -> None:
-    """Serves `servicer`'s RPCs on `server`, each wrapped with access control and with errors
-    turned into typed statuses (in place of the generated `add_*_to_server`).
+    """Serves `servicer`'s RPCs on `server`, each wrapped with access control, the limit on calls
+    in progress, and errors turned into typed statuses (in place of the generated
+    `add_*_to_server`).
 
     Access: each method's `(crewdb.v1.access)` option in the proto decides whether it needs an
     `authorization: Bearer <access token>` (and which role); the servicer then reads the
@@ -86,13 +138,13 @@ def mount(
         instruments = metrics.for_method(path, streaming=method.server_streaming) if metrics else None
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _stream(path, behavior, check, instruments),
+                _stream(path, behavior, check, limit, instruments),
                 request_deserializer=decode,
                 response_serializer=encode,
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(path, behavior, check, instruments),
+                _unary(path, behavior, check, limit, instruments),
                 request_deserializer=decode,
                 response_serializer=encode,
             )
@@ -176,14 +228,21 @@ def _check_decoded(request: Any) -> None:
 
 
 def _unary(
-    method: str, behavior: Callable[..., Awaitable[Any]], check: Check, metrics: MethodMetrics | None
+    method: str,
+    behavior: Callable[..., Awaitable[Any]],
+    check: Check,
+    limit: CallLimit,
+    metrics: MethodMetrics | None,
 ) -> Callable[..., Awaitable[Any]]:
     async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         started = metrics.begin() if metrics is not None else time.perf_counter()
         request_id = _begin(context)
         code = "CANCELLED"  # unless it finishes: the client went away or its deadline passed
+        admitted = False
         try:
             try:
+                limit.enter(metrics)
+                admitted = True
                 _check_decoded(request)
                 check(context)
                 response = await behavior(request, context)
@@ -195,6 +254,8 @@ def _unary(
             _log_call(method, code, started)
             return response
         finally:
+            if admitted:
+                limit.leave()
             if code == "CANCELLED":  # asyncio.CancelledError is no Exception: logged here
                 _log_call(method, code, started)
             if metrics is not None:
@@ -204,14 +265,21 @@ def _unary(
 
 
 def _stream(
-    method: str, behavior: Callable[..., AsyncIterator[Any]], check: Check, metrics: MethodMetrics | None
+    method: str,
+    behavior: Callable[..., AsyncIterator[Any]],
+    check: Check,
+    limit: CallLimit,
+    metrics: MethodMetrics | None,
 ) -> Callable[..., AsyncIterator[Any]]:
     async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         started = metrics.begin() if metrics is not None else time.perf_counter()
         request_id = _begin(context)
         code = "CANCELLED"
+        admitted = False
         try:
             try:
+                limit.enter(metrics)  # for as long as the stream is open (see CallLimit)
+                admitted = True
                 _check_decoded(request)
                 opened_by = check(context)
                 async for response in behavior(request, context):
@@ -229,6 +297,8 @@ def _stream(
             code = "OK"
             _log_call(method, code, started)
         finally:
+            if admitted:
+                limit.leave()
             if code == "CANCELLED":  # asyncio.CancelledError is no Exception: logged here
                 _log_call(method, code, started)
             if metrics is not None:
@@ -239,9 +309,11 @@ def _stream(
 
 def _begin(context: aio.ServicerContext[Any, Any]) -> str:
     """The call's request id: the caller's `x-request-id` if sane, else a new one. Every log line
-    of the call carries it, and the client gets it back in the trailing metadata."""
+    of the call carries it, and the client gets it back in the trailing metadata. Also notes the
+    peer for the call's log line."""
     request_id = _request_id(context)
     logs.request_id.set(request_id)
+    _peer.set(context.peer() or "-")
     context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
     return request_id
 
@@ -249,22 +321,24 @@ def _begin(context: aio.ServicerContext[Any, Any]) -> str:
 def _log_call(
     method: str, code: str, started: float, reason: str = "", error: Exception | None = None
 ) -> None:
-    """The one line every call gets: method, status code, duration and caller (request id added
-    by crewdb.logs). INTERNAL is an error, with its traceback; everything else is INFO."""
+    """The one line every call gets: method, status code, duration, caller and peer (request id
+    added by crewdb.logs). INTERNAL is an error, with its traceback; everything else is INFO."""
     level = logging.ERROR if error is not None else logging.INFO
     if not log.isEnabledFor(level):
         return
     elapsed = (time.perf_counter() - started) * 1000
     principal = _caller.get()
     user = principal.user_id if principal is not None else "-"
+    peer = _peer.get()
     fields = {
         "method": method,
         "code": code,
         "reason": reason,
         "duration_ms": round(elapsed, 2),
         "user_id": user,
+        "peer": peer,
     }
-    text = f"{method} {code}{' ' + reason if reason else ''} {elapsed:.1f}ms user={user}"
+    text = f"{method} {code}{' ' + reason if reason else ''} {elapsed:.1f}ms user={user} peer={peer}"
     log.log(level, "%s", text, extra=fields, exc_info=error)
 
 

@@ -6,13 +6,15 @@ Reads share a small pool of threads (WAL lets them run beside the writer); write
 one thread, which on SQLite is the one writer it allows anyway, so writers queue in-process
 instead of spinning on SQLITE_BUSY, and commits happen in a single, known order. Small,
 index-bounded reads may run on the loop itself (`read_now`), where they cost less than the
-hop to a thread.
+hop to a thread. Work handed to a thread runs in a copy of the caller's context variables,
+so its log lines carry the call's request id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import sqlite3
 import threading
@@ -140,7 +142,9 @@ class Database:
             UnavailableError: the database could not be reached or is locked for too long.
         """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._run, self.engine, work, None)
+        return await loop.run_in_executor(
+            self._readers, contextvars.copy_context().run, self._run, self.engine, work, None
+        )
 
     def read_now(self, work: Callable[[Connection], T]) -> T:
         """Runs a bounded read (an index lookup or a capped range scan) on the calling thread.
@@ -168,15 +172,21 @@ class Database:
             UnavailableError: the database could not be reached or is locked for too long.
         """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, self._run, self._writer_engine, work, after_commit)
+        return await loop.run_in_executor(
+            self._writer, contextvars.copy_context().run, self._run, self._writer_engine, work, after_commit
+        )
 
     def read_sync(self, work: Callable[[Connection], T]) -> T:
         """`read` for code that is not on the event loop (CLI commands, tests)."""
-        return self._readers.submit(self._run, self.engine, work, None).result()
+        return self._readers.submit(
+            contextvars.copy_context().run, self._run, self.engine, work, None
+        ).result()
 
     def write_sync(self, work: Callable[[Connection], T]) -> T:
         """`write` for code that is not on the event loop (CLI commands, tests)."""
-        return self._writer.submit(self._run, self._writer_engine, work, None).result()
+        return self._writer.submit(
+            contextvars.copy_context().run, self._run, self._writer_engine, work, None
+        ).result()
 
     async def ping(self) -> None:
         """Raises UnavailableError unless the database answers `SELECT 1`.

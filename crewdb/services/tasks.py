@@ -23,6 +23,7 @@ from crewdb.errors import (
     FieldViolation,
     NotFoundError,
     PermissionDeniedError,
+    UnavailableError,
 )
 from crewdb.models import JsonObject, Page, Principal, QueueStats, Task, TaskStatus
 from crewdb.services.events import on_this_loop
@@ -58,6 +59,16 @@ class TaskEvents:
     def __init__(self) -> None:
         self._watchers: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
         self._work = asyncio.Event()
+        self.closed = False
+
+    def close(self) -> None:
+        """Server shutdown: wakes every watcher and waiting claimer so that each ends now instead
+        of holding the drain for the whole grace period; later watches end at once too."""
+        self.closed = True
+        for watchers in self._watchers.values():
+            for event in watchers:
+                event.set()
+        self._work.set()
 
     def changed(self, task_ids: list[str], work_ready: bool) -> None:
         for task_id in task_ids:
@@ -206,7 +217,7 @@ class TaskService:
     async def watch(self, caller: Principal, task_id: str) -> AsyncIterator[Task]:
         """The task now, then after every change, until it finishes.
 
-        Raises: InvalidArgumentError, NotFoundError.
+        Raises: InvalidArgumentError, NotFoundError, UnavailableError (server shutting down).
         """
         task = await self.get(caller, task_id)
         with self._events.watch(task_id) as changed:
@@ -217,6 +228,8 @@ class TaskService:
                     last = task
                 if task.status.finished:
                     return
+                if self._events.closed:
+                    raise UnavailableError("server is shutting down; watch the task again")
                 await changed.wait()
                 changed.clear()
                 task = await self.get(caller, task_id)
@@ -259,7 +272,7 @@ class TaskService:
             if claimed is not None:
                 return claimed
             remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
+            if remaining <= 0 or self._events.closed:  # shutting down: answer "no task" now
                 return None
             # Wake on new work, or in a second at most (a delayed task or a lease may come due).
             with contextlib.suppress(TimeoutError):

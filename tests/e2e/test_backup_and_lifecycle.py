@@ -48,6 +48,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 ADD_MESSAGE = "/crewdb.v1.ConversationService/AddMessage"
 ADD_DOCUMENTS = "/crewdb.v1.VectorService/AddDocuments"
 WATCH_MESSAGES = "/crewdb.v1.ConversationService/WatchMessages"
+CLAIM_TASK = "/crewdb.v1.TaskService/ClaimTask"
 
 # Short chunks: documents of a few hundred characters span several chunks, which keeps the
 # embedding work (the slow part of every test here) small.
@@ -638,6 +639,8 @@ class HealthWatch:
         stub = health_pb2_grpc.HealthStub(self._channel)
         self._call = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT)
         self.seen: list[tuple[int, float]] = []
+        self.error: grpc.RpcError | None = None
+        self.ended = threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -645,8 +648,10 @@ class HealthWatch:
         try:
             for response in self._call:
                 self.seen.append((response.status, time.monotonic()))
-        except grpc.RpcError:
-            pass  # the server went away: the statuses seen are what counts
+        except grpc.RpcError as error:
+            self.error = error  # the server went away: the statuses seen are what counts
+        finally:
+            self.ended.set()
 
     def first(self, status: int) -> float | None:
         return next((at for seen, at in self.seen if seen == status), None)
@@ -663,6 +668,26 @@ class MessageWatch:
     def __init__(self, client: Client, conversation_id: str) -> None:
         request = cpb.WatchMessagesRequest(conversation_id=conversation_id)
         self.call = client.conversations.WatchMessages(request, timeout=TIMEOUT)
+        self.received = 0
+        self.error: grpc.RpcError | None = None
+        self.ended = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for _ in self.call:
+                self.received += 1
+        except grpc.RpcError as error:
+            self.error = error
+        finally:
+            self.ended.set()
+
+
+class TaskWatch:
+    """A WatchTask stream read on a thread; records what came and how it ended."""
+
+    def __init__(self, client: Client, task_id: str) -> None:
+        self.call = client.tasks.WatchTask(tpb.WatchTaskRequest(id=task_id), timeout=TIMEOUT)
         self.received = 0
         self.error: grpc.RpcError | None = None
         self.ended = threading.Event()
@@ -738,6 +763,53 @@ def test_stop_lets_calls_in_flight_finish_and_refuses_new_ones(settings: Setting
         health.close()
     finally:
         pool.shutdown(wait=True)
+        alice.close()
+        cleanup()
+
+
+def test_stop_with_only_streams_open_ends_each_stream_cleanly_and_returns_well_within_the_grace(
+    settings: Settings,
+) -> None:
+    grace = 5.0
+    server, cleanup = start_server(settings.replace(metrics_port=0))
+    alice = sign_in(server, "alice")
+    worker = sign_in(server, "worker", UserRole.WORKER)
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        conversation = _conversation(alice, "watched", 0)
+        messages = MessageWatch(alice, conversation.id)
+        task = alice.tasks.CreateTask(tpb.CreateTaskRequest(type="idle", data=_struct({})), timeout=TIMEOUT)
+        tasks = TaskWatch(alice, task.id)
+        health = HealthWatch(server.address)
+        wait_until(lambda: _registry_value(server, "crewdb_streams_open", method=WATCH_MESSAGES) == 1)
+        wait_until(lambda: tasks.received == 1, what="the task's first state")
+        wait_until(lambda: bool(health.seen), what="a first health status")
+        # A worker waiting for work of a type nobody creates: a long poll, not a stream, held
+        # up the drain the same way.
+        request = tpb.ClaimTaskRequest(worker_id="w1", types=["nothing"], wait_seconds=30)
+        claim = pool.submit(lambda: worker.tasks.ClaimTask(request, timeout=TIMEOUT))
+        wait_until(lambda: _registry_value(server, "crewdb_rpc_in_flight", method=CLAIM_TASK) == 1)
+
+        started = time.monotonic()
+        server.call(server.app.stop(grace=grace))
+        took = time.monotonic() - started
+
+        assert took < grace / 2, f"stop waited {took:.1f}s for streams that should have ended"
+        for stream in (messages, tasks, health):
+            assert stream.ended.wait(TIMEOUT)
+        # The documented endings: watchers are told to come back (UNAVAILABLE, never UNKNOWN or
+        # CANCELLED); health watchers see NOT_SERVING and then the stream ends with OK.
+        for stream in (messages, tasks):
+            assert stream.error is not None
+            problem = failure(stream.error)
+            assert (problem.code, problem.reason) == (grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE")
+            assert "shutting down" in problem.message
+        assert health.error is None, health.error
+        assert health.seen[-1][0] == NOT_SERVING
+        assert not claim.result(TIMEOUT).HasField("task")  # "no task", answered at once
+    finally:
+        pool.shutdown(wait=True)
+        worker.close()
         alice.close()
         cleanup()
 

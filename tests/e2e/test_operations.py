@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import event
 
 from crewdb import logs
 from crewdb.cli import main
@@ -265,6 +268,7 @@ def test_health_report_of_a_healthy_server_details_every_dependency(
     assert chroma["version"]
     assert chroma["chunks"] == chunks
     assert chroma["collections"] == 1
+    assert chroma["heartbeat_ms"] >= 0
     assert _details(dependencies["embedder"])["model"] == "all-MiniLM-L6-v2-int8"
     assert dict(report.services) == dict.fromkeys(HEALTH_NAMES, "SERVING")
     assert report.uptime_seconds > 0
@@ -288,6 +292,63 @@ def test_health_report_with_chroma_down_is_degraded_and_says_why(chroma_down: Ru
     assert report.services[VECTOR_SERVICE] == "NOT_SERVING"
     assert report.services["crewdb.v1.UserService"] == "SERVING"
     assert report.services[LIVENESS] == "SERVING"
+
+
+def test_health_report_behind_busy_database_threads_reports_sqlite_up_with_its_details(
+    settings: Settings,
+) -> None:
+    # One reader thread, held by a long read (a search or an export): the report's row counts
+    # wait for it, far longer than a check may take, yet SQLite answers its probe and is up.
+    running, stop = start_server(settings.replace(db_read_threads=1, health_check_timeout=0.5))
+    try:
+        with (
+            sign_in(running, "root", UserRole.ADMIN) as admin,
+            grpc.insecure_channel(running.address) as channel,
+        ):
+            busy = asyncio.run_coroutine_threadsafe(
+                running.app.db.read(lambda _: time.sleep(2)), running.loop
+            )
+            report = _report(admin)
+            # Readiness never queued behind the busy reader either.
+            assert _status(channel, "") == SERVING
+            busy.result(DEADLINE)
+    finally:
+        stop()
+    sqlite = _dependencies(report)["sqlite"]
+    assert (sqlite.status, sqlite.error) == (system_pb.DEPENDENCY_STATUS_UP, "")
+    assert sqlite.latency_ms < 500  # the probe's time, not the details'
+    assert _details(sqlite)["rows"]["users"] == 1
+    assert report.verdict != system_pb.VERDICT_UNHEALTHY  # SQLite, the one that decides that, is up
+
+
+# --- the health checker -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "failure_", [RuntimeError("a bug in the check"), asyncio.CancelledError()], ids=["error", "cancelled"]
+)
+def test_the_health_checker_survives_an_unexpected_failure_in_a_check_and_keeps_checking(
+    server: RunningServer,
+    channel: grpc.Channel,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    failure_: BaseException,
+) -> None:
+    caplog.set_level(logging.INFO, logger="crewdb")
+
+    async def broken_heartbeat() -> Any:
+        raise failure_
+
+    with monkeypatch.context() as patch:
+        patch.setattr(server.app.vectors, "heartbeat", broken_heartbeat)
+        # The failing check is marked down: readiness and the vector service turn NOT_SERVING.
+        _wait_for_statuses(channel, _expected(("", VECTOR_SERVICE)))
+    # ... and logged once, with its traceback, at ERROR.
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR and "chroma" in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+    assert logged[0].exc_info is not None
+    # The checker kept going: with the check working again, everything is SERVING.
+    _wait_for_statuses(channel, _expected(()))
 
 
 # --- `crewdb health` --------------------------------------------------------------------------
@@ -489,6 +550,42 @@ def test_a_watch_the_client_cancels_still_logs_one_line(
     assert len(records) == 1, "a cancelled stream left no log line"
     assert records[0].__dict__["method"] == "/crewdb.v1.ConversationService/WatchMessages"
     assert records[0].__dict__["code"] == "CANCELLED"
+
+
+def test_a_call_log_line_names_the_peer(client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="crewdb.rpc")
+    _create_conversation(client, "log-peer-1")
+    records = _call_records(caplog, "log-peer-1")
+    assert len(records) == 1
+    assert records[0].__dict__["peer"].startswith("ipv4:127.0.0.1:")
+    assert json.loads(logs.JsonLines().format(records[0]))["peer"] == records[0].__dict__["peer"]
+
+
+def test_log_lines_from_database_threads_carry_the_calls_request_id(
+    server: RunningServer, client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    statements = logging.getLogger("tests.statements")
+    caplog.set_level(logging.INFO, logger="tests.statements")
+
+    def log_statement(*_: Any) -> None:  # runs on whichever thread runs the query
+        statements.info("statement on %s", threading.current_thread().name)
+
+    event.listen(server.app.db.engine, "before_cursor_execute", log_statement)
+    try:
+        _create_conversation(client, "db-write-1")  # a write: the writer thread
+        client.conversations.GetConversationStats(  # a scan: a reader thread
+            conversation_pb.GetConversationStatsRequest(),
+            metadata=((REQUEST_ID_KEY, "db-read-1"),),
+            timeout=DEADLINE,
+        )
+    finally:
+        event.remove(server.app.db.engine, "before_cursor_execute", log_statement)
+    by_thread: dict[str, set[str]] = {}
+    for record in caplog.records:
+        thread = str(record.threadName)
+        if record.name == "tests.statements" and thread.startswith("crewdb-db-"):
+            by_thread.setdefault(thread.rsplit("_", 1)[0], set()).add(record.__dict__["request_id"])
+    assert by_thread == {"crewdb-db-write": {"db-write-1"}, "crewdb-db-read": {"db-read-1"}}
 
 
 def _security_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

@@ -8,7 +8,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -244,3 +246,76 @@ def test_a_password_hashed_at_an_older_cost_is_rehashed_at_sign_in(settings: Set
     finally:
         stop()
     assert cost() == "11"
+
+
+# --- the limit on calls in progress ------------------------------------------------------------
+
+WATCH_MESSAGES = "/crewdb.v1.ConversationService/WatchMessages"
+GET_CONVERSATION = "/crewdb.v1.ConversationService/GetConversation"
+CALL_LIMIT = 10
+
+
+def _metric(server: RunningServer, name: str, **labels: str) -> float:
+    assert server.app.metrics is not None
+    value = server.app.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not met in {timeout}s"
+        time.sleep(0.02)
+
+
+def test_idle_streams_at_the_call_limit_refuse_new_calls_but_never_health_probes_or_reflection(
+    settings: Settings,
+) -> None:
+    running, stop = start_server(settings.replace(max_concurrent_rpcs=CALL_LIMIT, metrics_port=0))
+    watches: list[Any] = []
+    try:
+        with sign_in(running, "alice") as alice, grpc.insecure_channel(running.address) as channel:
+            stub = alice.conversations
+            conversation = stub.CreateConversation(pb.CreateConversationRequest(title="t"), timeout=10)
+            request = pb.WatchMessagesRequest(conversation_id=conversation.id)
+            watches = [stub.WatchMessages(request, timeout=60) for _ in range(CALL_LIMIT)]
+            _wait_for(
+                lambda: _metric(running, "crewdb_streams_open", method=WATCH_MESSAGES) == CALL_LIMIT,
+                "every stream open",
+            )
+
+            # Probes and reflection are always answered, however many streams are open.
+            for name in ("", "liveness", SERVICE):
+                assert _health(channel, name) == SERVING
+            health_watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=10
+            )
+            assert next(health_watch).status == SERVING
+            health_watch.cancel()
+            reply = _reflection_request(
+                channel,
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+            )
+            assert SERVICE in {service.name for service in reply.list_services_response.service}
+
+            # One more crewdb call is refused at once, saying why, and counted.
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetConversation(pb.GetConversationRequest(id=conversation.id), timeout=10)
+            problem = failure(refused.value)
+            assert (problem.code, problem.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_CALLS")
+            assert str(CALL_LIMIT) in problem.message
+            assert _metric(running, "crewdb_rpc_refused_total", method=GET_CONVERSATION) == 1
+
+            # A stream that ends frees its place.
+            watches.pop().cancel()
+            _wait_for(
+                lambda: _metric(running, "crewdb_streams_open", method=WATCH_MESSAGES) == CALL_LIMIT - 1,
+                "the cancelled stream closed",
+            )
+            found = stub.GetConversation(pb.GetConversationRequest(id=conversation.id), timeout=10)
+            assert found.id == conversation.id
+    finally:
+        for watch in watches:
+            watch.cancel()
+        stop()
