@@ -12,7 +12,6 @@ so its log lines carry the call's request id.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import logging
@@ -29,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from crewdb.errors import UnavailableError
+from crewdb.threads import in_thread
 
 T = TypeVar("T")
 
@@ -141,10 +141,7 @@ class Database:
         Raises:
             UnavailableError: the database could not be reached or is locked for too long.
         """
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._readers, contextvars.copy_context().run, self._run, self.engine, work, None
-        )
+        return await in_thread(self._readers, self._run, self.engine, work, None)
 
     def read_now(self, work: Callable[[Connection], T]) -> T:
         """Runs a bounded read (an index lookup or a capped range scan) on the calling thread.
@@ -171,10 +168,7 @@ class Database:
         Raises:
             UnavailableError: the database could not be reached or is locked for too long.
         """
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._writer, contextvars.copy_context().run, self._run, self._writer_engine, work, after_commit
-        )
+        return await in_thread(self._writer, self._run, self._writer_engine, work, after_commit)
 
     def read_sync(self, work: Callable[[Connection], T]) -> T:
         """`read` for code that is not on the event loop (CLI commands, tests)."""

@@ -38,6 +38,7 @@ from crewdb.models import (
 )
 from crewdb.services.pagination import PageTokens, check_page_size, page_size
 from crewdb.services.validation import raise_if
+from crewdb.threads import in_thread
 from crewdb.vectors.chunking import Chunker
 from crewdb.vectors.embedders import Embedder, Vector
 from crewdb.vectors.filters import (
@@ -122,10 +123,7 @@ class KnowledgeBase:
         _check_documents(inputs)
         model = self._embedder.model
         # Off the event loop: a call may carry megabytes of text.
-        loop = asyncio.get_running_loop()
-        splits = await loop.run_in_executor(
-            self._embed_pool, lambda: [self._chunker.split(d.text) for d in inputs]
-        )
+        splits = await in_thread(self._embed_pool, lambda: [self._chunker.split(d.text) for d in inputs])
         chunked = list(zip(inputs, splits, strict=True))
         texts = [chunk.text for _, chunks in chunked for chunk in chunks]
         vectors = await self._embed(texts)
@@ -427,9 +425,8 @@ class KnowledgeBase:
     async def _embed(self, texts: list[str], *, query: bool = False) -> list[Vector]:
         if not texts:
             return []
-        loop = asyncio.get_running_loop()
         pool = self._query_pool if query else self._embed_pool
-        vectors = await loop.run_in_executor(pool, self._embedder.embed, texts)
+        vectors = await in_thread(pool, self._embedder.embed, texts)
         if len(vectors) != len(texts):
             raise UnavailableError("the embedder returned the wrong number of vectors")
         return vectors

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import bcrypt
 
 from crewdb.errors import FieldViolation
+from crewdb.threads import in_thread
 
 MIN_LENGTH = 8
 # bcrypt reads only the first 72 bytes; a longer password is refused rather than cut.
@@ -156,9 +156,8 @@ class PasswordHasher:
         self._decoy = bcrypt.hashpw(b"decoy password", bcrypt.gensalt(rounds))
 
     async def hash(self, password: str) -> str:
-        loop = asyncio.get_running_loop()
         salt = bcrypt.gensalt(self._rounds)
-        hashed = await loop.run_in_executor(self._pool, bcrypt.hashpw, password.encode(), salt)
+        hashed = await in_thread(self._pool, bcrypt.hashpw, password.encode(), salt)
         return hashed.decode()
 
     async def verify(self, password: str, hashed: str | None) -> bool:
@@ -167,8 +166,7 @@ class PasswordHasher:
         # instead of matching whatever password shares its first 72 bytes.
         candidate = password.encode()
         target = hashed.encode() if hashed else self._decoy
-        loop = asyncio.get_running_loop()
-        matches = await loop.run_in_executor(self._pool, _checkpw, candidate, target)
+        matches = await in_thread(self._pool, _checkpw, candidate, target)
         return matches and hashed is not None
 
     def needs_rehash(self, hashed: str | None) -> bool:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from crewdb.errors import CrewdbError, FailedPreconditionError, UnavailableError
+from crewdb.threads import in_thread
 from crewdb.vectors.filters import Scalar, Where
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,9 @@ class VectorStore:
         self._port = port or 8000
         self._timeout = timeout
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="crewdb-chroma")
+        # The health check's heartbeat has a thread of its own: busy vector traffic must not
+        # make it time out and turn readiness off.
+        self._probe_executor = ThreadPoolExecutor(1, thread_name_prefix="crewdb-chroma-probe")
         self._lock = threading.Lock()
         self._client: Any = None
         self._collections: dict[str, Any] = {}
@@ -245,7 +249,7 @@ class VectorStore:
             client.heartbeat()
             return Heartbeat(str(client.get_version()), time.perf_counter() - started)
 
-        return await self._run(work)
+        return await self._run(work, self._probe_executor)
 
     async def details(self) -> dict[str, Any]:
         """What the health report shows: mode, location, version, collections and chunks.
@@ -381,14 +385,14 @@ class VectorStore:
     def close(self) -> None:
         """Stops the threads and releases the client (embedded: closes its files)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._probe_executor.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._forget_client()
 
     # --- plumbing -----------------------------------------------------------------------------
 
-    async def _run(self, work: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._guarded, work)
+    async def _run(self, work: Callable[[], T], executor: ThreadPoolExecutor | None = None) -> T:
+        future = in_thread(executor or self._executor, self._guarded, work)
         try:
             return await asyncio.wait_for(future, self._timeout)
         except TimeoutError:

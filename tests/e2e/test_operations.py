@@ -588,6 +588,43 @@ def test_log_lines_from_database_threads_carry_the_calls_request_id(
     assert by_thread == {"crewdb-db-write": {"db-write-1"}, "crewdb-db-read": {"db-read-1"}}
 
 
+def test_log_lines_from_embedding_and_chroma_threads_carry_the_calls_request_id(
+    server: RunningServer, client: Client, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = logging.getLogger("tests.threads")
+    caplog.set_level(logging.INFO, logger="tests.threads")
+    knowledge, store = server.app.knowledge, server.app.vectors
+
+    def logged(work: Any) -> Any:
+        def run(*args: Any) -> Any:
+            lines.info("work on %s", threading.current_thread().name)
+            return work(*args)
+
+        return run
+
+    embedder = knowledge._embedder
+    monkeypatch.setattr(embedder, "embed", logged(embedder.embed))
+    monkeypatch.setattr(store, "_guarded", logged(store._guarded))
+    request = vector_pb.AddDocumentsRequest(
+        documents=[vector_pb.DocumentInput(id="d", text="Owls hunt at night.")]
+    )
+    client.vectors.AddDocuments(request, metadata=((REQUEST_ID_KEY, "vec-add-1"),), timeout=DEADLINE)
+    client.vectors.Search(
+        vector_pb.SearchRequest(query="nocturnal birds"),
+        metadata=((REQUEST_ID_KEY, "vec-search-1"),),
+        timeout=DEADLINE,
+    )
+    by_pool: dict[str, set[str]] = {}
+    for record in caplog.records:
+        if record.name == "tests.threads":
+            pool = str(record.threadName).rsplit("_", 1)[0]
+            by_pool.setdefault(pool, set()).add(record.__dict__.get("request_id", ""))
+    assert by_pool["crewdb-embed"] == {"vec-add-1"}  # chunking and embedding the upload
+    assert by_pool["crewdb-embed-query"] == {"vec-search-1"}
+    # The health checker's own Chroma calls (no call, no request id) may run there too.
+    assert {"vec-add-1", "vec-search-1"} <= by_pool["crewdb-chroma"]
+
+
 def _security_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "crewdb.security" and r.levelno == logging.WARNING]
 
