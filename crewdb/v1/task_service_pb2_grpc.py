@@ -171,7 +171,8 @@ class TaskServiceServicer:
 
     def WatchTask(self, request, context):
         """Streams the task's state: first as it is, then after every change, ending after the
-        change that finishes it (completed, failed or cancelled).
+        change that finishes it (completed, failed or cancelled). Ends with UNAVAILABLE when the
+        server shuts down: watch the task again (from another replica, or after the restart).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,7 +180,8 @@ class TaskServiceServicer:
 
     def ClaimTask(self, request, context):
         """Workers: takes the next ready task of the given types (any type when empty), or returns
-        no task. With `wait_seconds`, waits up to that long (at most 30) for one to be ready.
+        no task. With `wait_seconds`, waits up to that long (at most 30) for one to be ready; a
+        server shutting down answers no task at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,11 +70,13 @@ class TaskServiceStub:
     """
     WatchTask: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchTaskRequest, _task_service_pb2.WatchTaskResponse]
     """Streams the task's state: first as it is, then after every change, ending after the
-    change that finishes it (completed, failed or cancelled).
+    change that finishes it (completed, failed or cancelled). Ends with UNAVAILABLE when the
+    server shuts down: watch the task again (from another replica, or after the restart).
     """
     ClaimTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ClaimTaskRequest, _task_service_pb2.ClaimTaskResponse]
     """Workers: takes the next ready task of the given types (any type when empty), or returns
-    no task. With `wait_seconds`, waits up to that long (at most 30) for one to be ready.
+    no task. With `wait_seconds`, waits up to that long (at most 30) for one to be ready; a
+    server shutting down answers no task at once.
     """
     HeartbeatTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.HeartbeatTaskRequest, _task_service_pb2.HeartbeatTaskResponse]
     """Workers: extends the lease and reports progress; says whether cancellation was requested."""
@@ -131,11 +133,13 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """
     WatchTask: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchTaskRequest, _task_service_pb2.WatchTaskResponse]  # type: ignore[assignment]
     """Streams the task's state: first as it is, then after every change, ending after the
-    change that finishes it (completed, failed or cancelled).
+    change that finishes it (completed, failed or cancelled). Ends with UNAVAILABLE when the
+    server shuts down: watch the task again (from another replica, or after the restart).
     """
     ClaimTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ClaimTaskRequest, _task_service_pb2.ClaimTaskResponse]  # type: ignore[assignment]
     """Workers: takes the next ready task of the given types (any type when empty), or returns
-    no task. With `wait_seconds`, waits up to that long (at most 30) for one to be ready.
+    no task. With `wait_seconds`, waits up to that long (at most 30) for one to be ready; a
+    server shutting down answers no task at once.
     """
     HeartbeatTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.HeartbeatTaskRequest, _task_service_pb2.HeartbeatTaskResponse]  # type: ignore[assignment]
     """Workers: extends the lease and reports progress; says whether cancellation was requested."""
@@ -225,7 +229,8 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_task_service_pb2.WatchTaskResponse], _abc.AsyncIterator[_task_service_pb2.WatchTaskResponse]]:
         """Streams the task's state: first as it is, then after every change, ending after the
-        change that finishes it (completed, failed or cancelled).
+        change that finishes it (completed, failed or cancelled). Ends with UNAVAILABLE when the
+        server shuts down: watch the task again (from another replica, or after the restart).
         """
 
     @_abc_1.abstractmethod
@@ -235,7 +240,8 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.ClaimTaskResponse, _abc.Awaitable[_task_service_pb2.ClaimTaskResponse]]:
         """Workers: takes the next ready task of the given types (any type when empty), or returns
-        no task. With `wait_seconds`, waits up to that long (at most 30) for one to be ready.
+        no task. With `wait_seconds`, waits up to that long (at most 30) for one to be ready; a
+        server shutting down answers no task at once.
         """
 
     @_abc_1.abstractmethod
