@@ -64,6 +64,8 @@ MAX_QUERY = 2000
 DEFAULT_TOP_K = 10
 MAX_TOP_K = 100
 RRF_K = 60
+# Texts embedded per trip to a thread (see `_embed`); a few seconds of work at most.
+EMBED_SLICE = 64
 # Chunks Chroma returns beyond top_k, for those of a revision a failed write left behind.
 _STALE_SLACK = 10
 _LIST_DEFAULT, _LIST_MAX = 50, 200
@@ -423,10 +425,12 @@ class KnowledgeBase:
     # --- helpers ------------------------------------------------------------------------------
 
     async def _embed(self, texts: list[str], *, query: bool = False) -> list[Vector]:
-        if not texts:
-            return []
+        # In slices, each its own trip to a thread: when the caller gives up, embedding stops
+        # after the slice in progress instead of going through a whole upload for no one.
         pool = self._query_pool if query else self._embed_pool
-        vectors = await in_thread(pool, self._embedder.embed, texts)
+        vectors: list[Vector] = []
+        for start in range(0, len(texts), EMBED_SLICE):
+            vectors += await in_thread(pool, self._embedder.embed, texts[start : start + EMBED_SLICE])
         if len(vectors) != len(texts):
             raise UnavailableError("the embedder returned the wrong number of vectors")
         return vectors

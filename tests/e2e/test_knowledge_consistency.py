@@ -249,3 +249,38 @@ def test_searches_racing_deletes_and_replacements_never_fail(running: RunningSer
         thread.join(timeout=30)
     assert errors == []
     account.close()
+
+
+def test_embedding_stops_soon_after_the_caller_gives_up(
+    running: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large upload whose deadline passes: embedding stops after the slice in progress, not
+    after the whole document (several hundred chunks, tens of seconds of CPU here)."""
+    account = sign_in(running, "gives-up")
+    embedder = running.app.knowledge._embedder
+    handed: list[int] = []
+    embed = embedder.embed
+
+    def counted(texts: Any) -> Any:
+        if len(texts) > 1:  # not the health check's one-word probe
+            handed.append(len(texts))
+        return embed(texts)
+
+    monkeypatch.setattr(embedder, "embed", counted)
+    big = doc("big", paragraphs("glacier", 300))
+    with pytest.raises(grpc.RpcError) as gave_up:
+        account.vectors.AddDocuments(pb.AddDocumentsRequest(documents=[big]), timeout=1.0)
+    assert code(gave_up.value) is grpc.StatusCode.DEADLINE_EXCEEDED
+    settled = time.monotonic() + 30
+    while time.monotonic() < settled:  # until nothing more is handed to the model
+        seen = len(handed)
+        time.sleep(1.0)
+        if len(handed) == seen:
+            break
+    chunks = len(running.app.knowledge._chunker.split(big.text))
+    assert chunks > 300
+    assert sum(handed) <= 3 * 64 < chunks
+    with pytest.raises(grpc.RpcError) as absent:
+        get(account.vectors, "big")
+    assert failure(absent.value).code is grpc.StatusCode.NOT_FOUND
+    account.close()
