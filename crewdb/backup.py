@@ -10,7 +10,12 @@ A backup folder holds:
                   again from their text in app.db)
 
 The copy of SQLite comes first, then the chunks are exported: a chunk written after the copy
-belongs to a revision the copy does not have and is left out, so the two always agree.
+belongs to a revision the copy does not have and is left out, so the two always agree. The
+manifest is written last and everything is fsynced (files, then the folder) before `backup`
+returns: a folder with a manifest is a whole backup, one without it is not a backup.
+
+An embedded Chroma must be opened by one process only (two corrupt it): `refuse_if_in_use`
+checks that no other process has the data paths open before a command opens them itself.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -31,8 +37,13 @@ from crewdb.errors import FailedPreconditionError
 from crewdb.services.knowledge import KnowledgeBase
 from crewdb.vectors.store import ExportBatch, ExportedChunk, VectorStore
 
+log = logging.getLogger(__name__)
+
 FORMAT = 1
 DB_FILE, VECTORS_FILE, MANIFEST_FILE = "app.db", "vectors.jsonl", "manifest.json"
+DATA_IN_USE = "DATA_IN_USE"
+# What SQLite keeps beside a database file while it is open.
+_SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")
 _RESERVED_INTS = ("_idx", "_rev", "_start", "_end")
 _RESTORE_BATCH = 500
 
@@ -52,7 +63,9 @@ async def backup(
     """Writes a backup of `database` and the exported chunks into `destination` (new or empty).
 
     Raises:
-        FailedPreconditionError: (BACKUP_TARGET_NOT_EMPTY) `destination` holds files already.
+        FailedPreconditionError: (BACKUP_SOURCE_INVALID) `database` is missing or not a crewdb
+            database; (BACKUP_TARGET_NOT_EMPTY) `destination` holds files already;
+            (BACKUP_TARGET_INVALID) it is not a folder or cannot be written.
         UnavailableError: the export failed (the partial folder is left for inspection).
     """
     copy = await asyncio.to_thread(_copy_database, database, destination)
@@ -81,6 +94,8 @@ async def backup(
                 chunks += 1
             if progress is not None:
                 progress(len(batch.chunks))
+        out.flush()
+        os.fsync(out.fileno())
     reembed = sorted(
         [owner, doc_id]
         for (owner, doc_id), stored in copy.documents.items()
@@ -95,16 +110,122 @@ async def backup(
         "chunks": chunks,
         "reembed": reembed,
     }
-    (destination / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    await asyncio.to_thread(
+        _write_durably, destination / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n"
+    )
     return BackupSummary(copy.rows, chunks, len(reembed))
 
 
 def _copy_database(database: Path, destination: Path) -> CopyContents:
-    if destination.exists() and any(destination.iterdir()):
-        raise FailedPreconditionError(f"{destination} is not empty", reason="BACKUP_TARGET_NOT_EMPTY")
-    destination.mkdir(parents=True, exist_ok=True)
-    online_copy(database, destination / DB_FILE)
-    return contents(destination / DB_FILE)
+    if not database.is_file():
+        problem = "is not a file" if database.exists() else "does not exist"
+        raise FailedPreconditionError(
+            f"the database {database} (DATABASE_PATH) {problem}", reason="BACKUP_SOURCE_INVALID"
+        )
+    created = not destination.exists()
+    try:
+        if not created and any(destination.iterdir()):
+            raise FailedPreconditionError(f"{destination} is not empty", reason="BACKUP_TARGET_NOT_EMPTY")
+        destination.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FailedPreconditionError(
+            f"cannot use {destination} as the backup folder: {error.strerror or error}",
+            reason="BACKUP_TARGET_INVALID",
+        ) from error
+    try:
+        online_copy(database, destination / DB_FILE)
+        copy = contents(destination / DB_FILE)
+    except Exception as error:  # sqlite3 and SQLAlchemy raise many types: the source is not usable
+        if created:
+            shutil.rmtree(destination, ignore_errors=True)
+        else:
+            (destination / DB_FILE).unlink(missing_ok=True)
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise FailedPreconditionError(
+            f"cannot copy the database {database}: {first_line}", reason="BACKUP_SOURCE_INVALID"
+        ) from error
+    _fsync(destination / DB_FILE)
+    return copy
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Writes `path` whole or not at all, and on disk (with its folder's entry) when this returns."""
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", encoding="utf-8") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, path)
+    _fsync(path.parent)
+    _fsync(path.parent.parent)  # the folder itself may be new
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file or a folder (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def refuse_if_in_use(database: Path, vectors: Path, *, hint: str) -> None:
+    """Refuses when another process has the database or anything in the embedded Chroma's folder
+    open: a running server (one that did not answer, or listens elsewhere) or another backup.
+    Reads /proc (Linux); where there is none, only warns.
+
+    Raises:
+        FailedPreconditionError: (DATA_IN_USE) naming the process and the file, then `hint`.
+    """
+    if not Path("/proc/self/fd").is_dir():
+        log.warning(
+            "cannot check whether another process has %s or %s open (no /proc): stop the server first",
+            database,
+            vectors,
+        )
+        return
+    users = _processes_using(database, vectors)
+    if users:
+        pid, (command, path) = min(users.items())
+        raise FailedPreconditionError(
+            f"process {pid} ({command}) has {path} open, and an embedded Chroma may be opened by one "
+            f"process only: {hint}",
+            reason=DATA_IN_USE,
+        )
+
+
+def _processes_using(database: Path, vectors: Path) -> dict[int, tuple[str, str]]:
+    """Other processes with `database` (or SQLite's files beside it) or a file under the folder
+    `vectors` open: pid -> (command line, file). Processes whose files this user may not see
+    are left out."""
+    database_files = {os.path.realpath(database) + suffix for suffix in _SQLITE_COMPANIONS}
+    folder = os.path.realpath(vectors) + os.sep
+    found: dict[int, tuple[str, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            descriptors = os.listdir(f"/proc/{entry}/fd")
+        except OSError:  # gone, or another user's
+            continue
+        for descriptor in descriptors:
+            try:
+                target = os.readlink(f"/proc/{entry}/fd/{descriptor}")
+            except OSError:
+                continue
+            if target in database_files or target.startswith(folder):
+                found[int(entry)] = (_command_line(int(entry)), target)
+                break
+    return found
+
+
+def _command_line(pid: int) -> str:
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return "?"
+    text = " ".join(word.decode(errors="replace") for word in words)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_manifest(source: Path) -> dict[str, Any]:
@@ -115,22 +236,27 @@ def read_manifest(source: Path) -> dict[str, Any]:
             missing or changed.
     """
     try:
-        manifest: dict[str, Any] = json.loads((source / MANIFEST_FILE).read_text())
+        manifest = json.loads((source / MANIFEST_FILE).read_text())
     except (OSError, ValueError) as error:
+        problem = (error.strerror or str(error)) if isinstance(error, OSError) else f"not JSON ({error})"
         raise FailedPreconditionError(
-            f"{source / MANIFEST_FILE}: {error}", reason="BACKUP_INVALID"
+            f"{source / MANIFEST_FILE}: {problem}", reason="BACKUP_INVALID"
         ) from error
-    if manifest.get("format") != FORMAT:
+    format_ = manifest.get("format") if isinstance(manifest, dict) else None
+    if format_ != FORMAT:
+        raise FailedPreconditionError(f"unknown backup format {format_!r}", reason="BACKUP_INVALID")
+    if not all(isinstance(manifest.get(key), dict) for key in ("files", "rows")):
         raise FailedPreconditionError(
-            f"unknown backup format {manifest.get('format')!r}", reason="BACKUP_INVALID"
+            f"{source / MANIFEST_FILE} does not list the files and rows of a backup", reason="BACKUP_INVALID"
         )
-    for name, expected in manifest.get("files", {}).items():
+    checked: dict[str, Any] = manifest
+    for name, expected in checked["files"].items():
         path = source / name
         if not path.is_file() or _describe(path) != expected:
             raise FailedPreconditionError(
                 f"{path} is missing or differs from the manifest (size or SHA-256)", reason="BACKUP_INVALID"
             )
-    return manifest
+    return checked
 
 
 def manifest_rows(source: Path) -> dict[str, int]:
@@ -157,11 +283,22 @@ async def refuse_unless_empty(database: Path | None, store: VectorStore) -> None
 
 
 def place_database(source: Path, database: Path) -> None:
-    """Copies the backup's database to `database` (check it with `refuse_unless_empty` first)."""
-    database.parent.mkdir(parents=True, exist_ok=True)
+    """Copies the backup's database to `database` (check it with `refuse_unless_empty` first).
+
+    Raises:
+        FailedPreconditionError: (RESTORE_TARGET_INVALID) `database` cannot be written;
+            (RESTORE_MISMATCH) the copy does not hold the rows the manifest lists.
+    """
     partial = database.with_name(database.name + ".restoring")
-    shutil.copyfile(source / DB_FILE, partial)
-    os.replace(partial, database)
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / DB_FILE, partial)
+        os.replace(partial, database)
+    except OSError as error:
+        raise FailedPreconditionError(
+            f"cannot write the database {database} (DATABASE_PATH): {error.strerror or error}",
+            reason="RESTORE_TARGET_INVALID",
+        ) from error
     rows = contents(database).rows
     if rows != manifest_rows(source):
         raise FailedPreconditionError(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from crewdb import logs
 from crewdb.clock import Clock
@@ -24,6 +25,23 @@ from crewdb.services.users import create_user
 
 log = logging.getLogger("crewdb")
 
+# Exit status of a command given bad flags or configuration: argparse's 2, except for `health`,
+# which follows grpc_health_probe (1 there; 2 means the server cannot be reached).
+USAGE_STATUS = 2
+HEALTH_USAGE_STATUS = 1
+# How long backup and restore wait to see whether a server answers at --host/--port.
+SERVER_WAIT = 1.0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors in one line and their exit status set per command."""
+
+    usage_status = USAGE_STATUS
+    commands: dict[str, _Parser]
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(self.usage_status, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def _port(text: str) -> int:
     try:
@@ -35,11 +53,23 @@ def _port(text: str) -> int:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and 0 < value <= 3600):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0 and at most 3600")
+    return value
+
+
+def _parser() -> _Parser:
+    parser = _Parser(
         prog="crewdb",
         description="crewdb: typed gRPC data service for AI-agent applications.",
-        epilog="Configuration comes from environment variables; see README.md.",
+        epilog="Configuration comes from environment variables; see README.md. Exit status: 0 on "
+        "success, 1 on failure, 2 for bad flags or configuration, with one line on standard error "
+        "saying why; `health` follows grpc_health_probe instead (see crewdb health --help).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_cmd = commands.add_parser("serve", help="migrate the database and serve gRPC")
@@ -63,19 +93,29 @@ def _parser() -> argparse.ArgumentParser:
     probe = commands.add_parser(
         "health",
         help="ask a server's grpc.health.v1 service; exit codes as grpc_health_probe",
-        description="Exit 0 when SERVING, 2 when the server cannot be reached, 3 when the call "
-        "fails (an unknown service among others), 4 when it answers NOT_SERVING.",
+        description="Asks the server's grpc.health.v1 service. Exit status as grpc_health_probe's: "
+        "0 SERVING; 1 bad flags or a bad environment value; 2 the server cannot be reached; 3 the "
+        "call fails (an unknown service among others); 4 it answers NOT_SERVING.",
     )
+    probe.usage_status = HEALTH_USAGE_STATUS
     probe.add_argument("--host", help="server address (env CREWDB_HOST; 0.0.0.0 means this machine)")
     probe.add_argument("--port", type=_port, help="server port (env CREWDB_PORT)")
     probe.add_argument(
         "--service", default="", help="'' (readiness, the default), 'liveness', or a service's full name"
     )
-    probe.add_argument("--timeout", type=float, default=5.0, help="seconds to connect, and again to answer")
+    probe.add_argument(
+        "--timeout", type=_seconds, default=5.0, help="seconds to connect, and again to answer (default 5)"
+    )
     ingest = commands.add_parser(
         "ingest",
         help="add .txt/.md files (folders recursively) to a running server's knowledge base",
-        description="Each file becomes a document whose id is its path; ingesting again replaces it.",
+        description="Each file becomes a document. Its id is its path from the folder given "
+        "(`guide/intro.md` for docs/guide/intro.md when the argument is `docs`, from any working "
+        "directory), or its name when the file itself is given; ingesting the same argument again "
+        "replaces those documents. A file that cannot be a document (unreadable, not UTF-8, empty, "
+        "a name the server refuses, the same id as another file) is reported and skipped, and the "
+        "rest go on. Exit 0 when every file was added, 1 when any was skipped or the server "
+        "failed, 2 for bad flags or configuration.",
     )
     ingest.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     ingest.add_argument("--username", required=True, help="the account that will own the documents")
@@ -96,9 +136,15 @@ def _parser() -> argparse.ArgumentParser:
     backup = commands.add_parser(
         "backup",
         help="copy the database and every vector into a new folder, with a manifest",
-        description="Safe while the server runs. With an embedded Chroma and the server running, "
-        "the vectors come through the server (an admin's --username and --password-stdin); "
-        "otherwise straight from the data paths or the Chroma server.",
+        description="Safe while the server runs. An embedded Chroma (no CHROMA_HOST) may be opened "
+        "by one process only, as two corrupt it: when a server answers at --host/--port within "
+        f"{SERVER_WAIT:g} s, the vectors come through it (give an admin's --username and "
+        "--password-stdin); otherwise backup opens VECTOR_DB_PATH itself, but only after checking "
+        "that no other process has DATABASE_PATH or VECTOR_DB_PATH open (from /proc; run it as the "
+        "server's user or root), and it stops with exit 1, naming the process, when one does. With "
+        "CHROMA_HOST the vectors come from the Chroma server. The manifest is written last and "
+        "everything is on disk (fsynced) before it reports success. Exit 0 on success, 1 on any "
+        "failure, 2 for bad flags or configuration.",
     )
     backup.add_argument("destination", type=Path, metavar="DEST", help="a new or empty folder")
     backup.add_argument("--username", help="an admin account (needed while the server runs)")
@@ -109,19 +155,32 @@ def _parser() -> argparse.ArgumentParser:
     restore = commands.add_parser(
         "restore",
         help="restore a backup into empty data paths (DATABASE_PATH, VECTOR_DB_PATH or the Chroma server)",
+        description="Checks the backup against its manifest and refuses data paths that are not empty. "
+        "With an embedded Chroma it stops with exit 1, naming the process, when another process has "
+        "DATABASE_PATH or VECTOR_DB_PATH open (stop the server first). Exit 0 on success, 1 on any "
+        "failure, 2 for bad flags or configuration.",
     )
     restore.add_argument("source", type=Path, metavar="SRC", help="a folder written by `crewdb backup`")
     restore.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.commands = dict(commands.choices)
     return parser
 
 
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse reports these through the top parser: the command's own exit status applies
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _arguments(argv)
     try:
         settings = Settings.from_env(os.environ if env is None else env)
     except ConfigError as error:
-        print(f"crewdb: {error}", file=sys.stderr)
-        return 2
+        print(f"crewdb {args.command}: invalid configuration: {'; '.join(error.problems)}", file=sys.stderr)
+        return HEALTH_USAGE_STATUS if args.command == "health" else USAGE_STATUS
     logs.configure(settings.logging_level, settings.log_format)
     # Passwords come on standard input, never on the command line (which `ps` shows).
     password = sys.stdin.readline().rstrip("\r\n") if getattr(args, "password_stdin", False) else None
@@ -134,7 +193,19 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         "backup": lambda: _backup(settings, args, password),
         "restore": lambda: _restore(settings, args.source, progress=not args.no_progress),
     }
-    return commands[args.command]()
+    try:
+        return commands[args.command]()
+    except KeyboardInterrupt:
+        print(f"crewdb {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the last resort: one line, the traceback only at DEBUG
+        log.debug("crewdb %s failed", args.command, exc_info=True)
+        log.error("crewdb %s failed: %s: %s", args.command, type(error).__name__, _first_line(error))
+        return 1
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0]
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -256,13 +327,14 @@ def _backup(settings: Settings, args: argparse.Namespace, password: str | None) 
     import grpc  # noqa: PLC0415 - only the client commands need it
     from tqdm import tqdm  # noqa: PLC0415
 
-    from crewdb.backup import backup, export_through_server  # noqa: PLC0415
+    from crewdb.backup import backup, export_through_server, refuse_if_in_use  # noqa: PLC0415
     from crewdb.client import Client  # noqa: PLC0415
     from crewdb.server import build_vector_store  # noqa: PLC0415
 
     target = _target(settings, args)
+    embedded = settings.chroma_host is None
     with grpc.insecure_channel(target) as channel:
-        through_server = settings.chroma_host is None and _reachable(channel, 1.0)
+        through_server = embedded and _reachable(channel, SERVER_WAIT)
     if through_server and (not args.username or password is None):
         log.error(
             "a server is running at %s with an embedded Chroma, which only it may open: give an "
@@ -270,6 +342,19 @@ def _backup(settings: Settings, args: argparse.Namespace, password: str | None) 
             target,
         )
         return 1
+    if embedded and not through_server:
+        # No server answered, but one too busy to answer in time, or listening elsewhere, may
+        # have Chroma open.
+        try:
+            refuse_if_in_use(
+                settings.database_path,
+                settings.vector_db_path,
+                hint="if it is the crewdb server, give the --host and --port it listens on (and an "
+                "admin's --username and --password-stdin) so that the vectors come through it, or stop it",
+            )
+        except CrewdbError as error:
+            log.error("backup refused: %s", error.message)
+            return 1
     store = None if through_server else build_vector_store(settings)
     client = Client(target) if through_server else None
     try:
@@ -319,12 +404,19 @@ async def _restore_vectors(
 
     from tqdm import tqdm  # noqa: PLC0415
 
-    from crewdb.backup import place_database, refuse_unless_empty, restore_vectors  # noqa: PLC0415
+    from crewdb.backup import (  # noqa: PLC0415
+        place_database,
+        refuse_if_in_use,
+        refuse_unless_empty,
+        restore_vectors,
+    )
     from crewdb.server import build_embedder, build_vector_store  # noqa: PLC0415
     from crewdb.services.knowledge import KnowledgeBase  # noqa: PLC0415
     from crewdb.services.pagination import PageTokens  # noqa: PLC0415
     from crewdb.vectors.chunking import Chunker  # noqa: PLC0415
 
+    if settings.chroma_host is None:
+        refuse_if_in_use(settings.database_path, settings.vector_db_path, hint="stop it first")
     # Both targets are checked before either is written: a refused restore changes nothing.
     store = build_vector_store(settings)
     try:

@@ -31,7 +31,11 @@ EMBEDDED_UNLESS_SET = ("DATABASE_PATH", "CREWDB_HOST", "VECTOR_DB_PATH", "CHROMA
 
 
 class ConfigError(ValueError):
-    """One or more settings are invalid; the message names each variable and value."""
+    """One or more settings are invalid; `problems` (and the message) name each variable and value."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+        self.problems = problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +173,7 @@ class Settings:
         if settings.chroma_port is not None and settings.chroma_host is None:
             parser.errors.append("CHROMA_PORT is set but CHROMA_HOST is not: set both or neither")
         if parser.errors:
-            raise ConfigError("invalid configuration:\n  " + "\n  ".join(parser.errors))
+            raise ConfigError(parser.errors)
         return settings
 
     def replace(self, **changes: object) -> Settings:

@@ -1,8 +1,9 @@
 """Turns text into vectors: all-MiniLM-L6-v2 on the CPU, or an Ollama/OpenAI-style server (vectors layer).
 
 Every embedder answers with unit-length vectors or raises `UnavailableError` (reason
-EMBEDDER_UNAVAILABLE): a failed embedding is never replaced by a made-up vector. `embed` blocks;
-callers run it on a worker thread.
+EMBEDDER_UNAVAILABLE): a failed embedding is never replaced by a made-up vector, and no failure of
+the model, the tokenizer or an embedding server escapes as another exception. `embed` and `probe`
+block; callers run them on a worker thread.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,7 +46,10 @@ class Embedder(Protocol):
         """
 
     def probe(self) -> dict[str, Any]:
-        """Checks that the embedder can serve and says what it is (model, dimension, ...).
+        """Checks cheaply that the embedder can serve and says what it is (model, dimension, ...).
+
+        The health checker calls it every few seconds, so it never embeds through an HTTP API
+        (which may bill per call) and never loads a model that is not loaded yet.
 
         Raises:
             UnavailableError: (EMBEDDER_UNAVAILABLE) it cannot.
@@ -57,6 +61,12 @@ class Embedder(Protocol):
 
 def unavailable(message: str) -> UnavailableError:
     return UnavailableError(message, reason=EMBEDDER_UNAVAILABLE)
+
+
+# A health probe answers in this long or counts as down: well within the health checker's own
+# time limit, and far below an embedding call's (which may wait for a model to load).
+PROBE_TIMEOUT = 2.0
+_RETRY = object()  # an HTTP failure worth another try (a JSON answer may be anything, null too)
 
 
 def _batches(texts: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -84,16 +94,39 @@ class LocalEmbedder:
     model = "all-MiniLM-L6-v2-int8"
     dimension = 384
 
-    def __init__(self, *, batch_tokens: int = 1024, threads: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        batch_tokens: int = 1024,
+        threads: int = 0,
+        loader: Callable[[int], tuple[Any, Any]] | None = None,
+    ) -> None:
+        """`loader(threads)` returns (tokenizer, ONNX session); tests pass a fake model here."""
         self._batch_tokens = batch_tokens
         self._threads = threads
+        self._loader = loader or _load_minilm
         self._lock = threading.Lock()
         self._loaded: tuple[Any, Any] | None = None
 
     def embed(self, texts: Sequence[str]) -> list[Vector]:
+        """Raises UnavailableError (EMBEDDER_UNAVAILABLE) when the model cannot be loaded or the
+        tokenizer or the ONNX session fails."""
+        if not texts:
+            return []
+        tokenizer, session = self._load()
+        try:
+            return self._embed(tokenizer, session, texts)
+        except UnavailableError:
+            raise
+        except BaseException as error:
+            if not _model_failure(error):
+                raise
+            log.warning("the embedding model failed: %s: %s", type(error).__name__, error)
+            raise unavailable(f"the embedding model {self.model} failed: {type(error).__name__}") from error
+
+    def _embed(self, tokenizer: Any, session: Any, texts: Sequence[str]) -> list[Vector]:
         import numpy as np  # noqa: PLC0415 - numpy comes with onnxruntime; loaded with the model
 
-        tokenizer, session = self._load()
         encodings = tokenizer.encode_batch(list(texts))
         vectors: list[Vector] = [[] for _ in texts]
         # Similar lengths together, so little is padded; batches of about `_BATCH_TOKENS` tokens,
@@ -107,15 +140,14 @@ class LocalEmbedder:
                 ids[row, : len(encodings[i].ids)] = encodings[i].ids
                 mask[row, : len(encodings[i].ids)] = 1
             inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-            try:
-                (hidden,) = session.run(["last_hidden_state"], inputs)
-            except Exception as error:  # onnxruntime raises its own untyped errors
-                raise unavailable(f"the embedding model failed: {error}") from error
+            (hidden,) = session.run(["last_hidden_state"], inputs)
             # Mean of the token vectors, padding left out, then unit length: sentence-transformers'
             # pooling for this model.
             weights = mask[:, :, None].astype(np.float32)
             pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
             pooled /= np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+            if pooled.shape != (len(batch), self.dimension) or not np.isfinite(pooled).all():
+                raise unavailable(f"the embedding model {self.model} returned vectors of the wrong shape")
             for row, i in enumerate(batch):
                 vectors[i] = pooled[row].tolist()
         return vectors
@@ -125,8 +157,9 @@ class LocalEmbedder:
         self._load()
 
     def probe(self) -> dict[str, Any]:
-        """Embeds a word once the model is loaded; before that, checks its files without loading
-        it (a health check must not cost every idle server 90 MB)."""
+        """Embeds a word once the model is loaded (on this CPU: about a millisecond, and free);
+        before that, checks its files without loading it (a health check must not cost every
+        idle server 90 MB)."""
         if self._loaded is not None:
             self.embed(["health"])
         else:
@@ -144,9 +177,25 @@ class LocalEmbedder:
         with self._lock:
             if self._loaded is None:
                 started = time.perf_counter()
-                self._loaded = _load_minilm(self._threads)
+                try:
+                    self._loaded = self._loader(self._threads)
+                except UnavailableError:
+                    raise
+                except BaseException as error:
+                    if not _model_failure(error):
+                        raise
+                    log.warning("cannot load the embedding model: %s: %s", type(error).__name__, error)
+                    raise unavailable(
+                        f"cannot load the embedding model {self.model}: {type(error).__name__}"
+                    ) from error
                 log.info("loaded embedding model %s in %.2fs", self.model, time.perf_counter() - started)
             return self._loaded
+
+
+def _model_failure(error: BaseException) -> bool:
+    """Whether `error` is the model's failure: onnxruntime and tokenizers raise untyped errors,
+    and a Rust panic in tokenizers is PyO3's PanicException, a BaseException. Interrupts are not."""
+    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
 
 
 def _model_files() -> tuple[Path, Path]:
@@ -212,7 +261,9 @@ class HttpEmbedder:
 
     Texts go in batches of `batch_size`. A connection failure, 429 or 5xx answer is retried
     `retries` times with a short backoff; a time-out is not (the caller's deadline is near), nor
-    is any other 4xx (retrying will not fix the request).
+    is any other 4xx (retrying will not fix the request). The health probe embeds nothing: it
+    lists the server's models (Ollama `GET /api/tags`, OpenAI `GET /models`), once, within
+    PROBE_TIMEOUT, and checks that the configured model is among them.
     """
 
     kind: str  # "ollama" or "openai"
@@ -234,6 +285,7 @@ class HttpEmbedder:
         )
         base = self.url.rstrip("/")
         self._endpoint = f"{base}/api/embed" if self.kind == "ollama" else f"{base}/embeddings"
+        self._models_endpoint = f"{base}/api/tags" if self.kind == "ollama" else f"{base}/models"
 
     @property
     def model(self) -> str:
@@ -251,42 +303,68 @@ class HttpEmbedder:
         return vectors
 
     def probe(self) -> dict[str, Any]:
-        self.embed(["health"])
+        """Lists the server's models (never embeds: a paid API bills every call) and checks that
+        the configured one is there."""
+        timeout = min(PROBE_TIMEOUT, self.timeout)
+        body = self._answer(lambda: self._client.get(self._models_endpoint, timeout=timeout), timeout)
+        try:
+            if self.kind == "ollama":
+                names = {name for item in body["models"] for name in (item.get("name"), item.get("model"))}
+            else:
+                names = {item["id"] for item in body["data"]}
+        except Exception as error:  # any shape but the documented one is a bad answer
+            raise unavailable(
+                f"embedding server {self.url} answered a model list crewdb cannot read"
+            ) from error
+        if not _listed(self.model_name, names, tagged=self.kind == "ollama"):
+            raise unavailable(f"embedding server {self.url} does not list the model {self.model_name!r}")
         return {"model": self.model, "dimension": self.dimension, "url": self.url}
 
     def close(self) -> None:
         self._client.close()
 
     def _post(self, payload: dict[str, Any]) -> Any:
-        import httpx  # noqa: PLC0415
-
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
-            try:
-                response = self._client.post(self._endpoint, json=payload)
-            except httpx.TimeoutException as error:
-                raise unavailable(
-                    f"embedding server {self.url} did not answer in {self.timeout:g}s"
-                ) from error
-            except httpx.TransportError as error:
-                if last:
-                    raise unavailable(f"cannot reach embedding server {self.url}: {error}") from error
-            else:
-                if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError as error:
-                        raise unavailable(
-                            f"embedding server {self.url} answered with invalid JSON"
-                        ) from error
-                retryable = response.status_code == 429 or response.status_code >= 500
-                if last or not retryable:
-                    raise unavailable(
-                        f"embedding server {self.url} answered HTTP {response.status_code} "
-                        f"for model {self.model_name!r}"
-                    )
+            body = self._answer(
+                lambda: self._client.post(self._endpoint, json=payload), self.timeout, last=last
+            )
+            if body is not _RETRY:
+                return body
             time.sleep(0.25 * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _answer(self, send: Callable[[], Any], timeout: float, *, last: bool = True) -> Any:
+        """The parsed JSON of a 200 answer; `_RETRY` for a failure worth retrying (unless `last`).
+
+        Raises:
+            UnavailableError: (EMBEDDER_UNAVAILABLE) a time-out, a refusal, a failure on the
+                last try, or an answer that is not JSON.
+        """
+        import httpx  # noqa: PLC0415
+
+        try:
+            response = send()
+        except httpx.TimeoutException as error:
+            raise unavailable(f"embedding server {self.url} did not answer in {timeout:g}s") from error
+        except httpx.TransportError as error:
+            if last:
+                raise unavailable(f"cannot reach embedding server {self.url}: {error}") from error
+            return _RETRY
+        except httpx.HTTPError as error:  # an undecodable body, among others: not worth a retry
+            raise unavailable(f"embedding server {self.url} sent an unreadable answer: {error}") from error
+        if response.status_code == 200:
+            try:
+                return response.json()
+            except Exception as error:  # bad UTF-8, bad JSON, JSON nested too deep
+                raise unavailable(f"embedding server {self.url} answered with invalid JSON") from error
+        retryable = response.status_code == 429 or response.status_code >= 500
+        if last or not retryable:
+            raise unavailable(
+                f"embedding server {self.url} answered HTTP {response.status_code} "
+                f"to {response.request.method} {response.request.url.path} for model {self.model_name!r}"
+            )
+        return _RETRY
 
     def _vectors(self, body: Any, expected: int) -> list[Vector]:
         """The vectors in an answer, checked: one per text, all finite, all one length."""
@@ -296,8 +374,8 @@ class HttpEmbedder:
             else:
                 items = sorted(body["data"], key=lambda item: item["index"])
                 raw = [item["embedding"] for item in items]
-            vectors = [[float(x) for x in vector] for vector in raw]
-        except (KeyError, TypeError, ValueError) as error:
+            vectors = [[_number(x) for x in vector] for vector in raw]
+        except Exception as error:  # any shape but the documented one is a bad answer
             raise unavailable(
                 f"embedding server {self.url} answered something that is not embeddings"
             ) from error
@@ -309,9 +387,21 @@ class HttpEmbedder:
         for vector in vectors:
             if not vector or len(vector) != dimension:
                 raise unavailable(f"embedding server {self.url} returned vectors of differing lengths")
-            norm = math.sqrt(sum(x * x for x in vector))
+            norm = math.hypot(*vector)
             if not math.isfinite(norm) or norm == 0:
                 raise unavailable(f"embedding server {self.url} returned a zero or non-finite vector")
             vector[:] = [x / norm for x in vector]
         self._dimension = dimension  # learnt from the first answer that passed every check
         return vectors
+
+
+def _number(value: object) -> float:
+    """A JSON number as a float; anything else (true, "1", null) raises TypeError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)  # an integer too large for a float raises OverflowError
+
+
+def _listed(model: str, names: set[Any], *, tagged: bool) -> bool:
+    """Whether `model` is among `names`; Ollama lists `name:tag`, and no tag means `:latest`."""
+    return model in names or (tagged and ":" not in model and f"{model}:latest" in names)

@@ -12,10 +12,17 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
 import pytest
 
 from crewdb.errors import UnavailableError
-from crewdb.vectors.embedders import EMBEDDER_UNAVAILABLE, HttpEmbedder, LocalEmbedder, Vector
+from crewdb.vectors.embedders import (
+    EMBEDDER_UNAVAILABLE,
+    PROBE_TIMEOUT,
+    HttpEmbedder,
+    LocalEmbedder,
+    Vector,
+)
 
 
 def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
@@ -98,6 +105,113 @@ def test_local_embedder_reports_its_model_name() -> None:
     assert LocalEmbedder().model == "all-MiniLM-L6-v2-int8"
 
 
+# --- LocalEmbedder with a fake model: failures of the tokenizer and the ONNX session -------------
+
+
+@dataclass
+class FakeEncoding:
+    ids: list[int]
+
+
+@dataclass
+class FakeModel:
+    """Stands in for the tokenizer and the ONNX session; each part fails when told to."""
+
+    tokenizer_error: BaseException | None = None
+    session_error: Exception | None = None
+    load_errors: list[Exception] = field(default_factory=list)
+    hidden_value: float = 1.0
+    width: int = 384
+    loads: int = 0
+    runs: int = 0
+
+    def load(self, threads: int) -> tuple[Any, Any]:
+        self.loads += 1
+        if self.load_errors:
+            raise self.load_errors.pop(0)
+        return self, self
+
+    def encode_batch(self, texts: list[str]) -> list[FakeEncoding]:
+        if self.tokenizer_error is not None:
+            raise self.tokenizer_error
+        return [FakeEncoding(list(range(1, len(text.split()) + 3))) for text in texts]
+
+    def run(self, names: list[str], inputs: dict[str, Any]) -> list[Any]:
+        self.runs += 1
+        if self.session_error is not None:
+            raise self.session_error
+        rows, tokens = inputs["input_ids"].shape
+        return [np.full((rows, tokens, self.width), self.hidden_value, dtype=np.float32)]
+
+
+def _fake_local(model: FakeModel) -> LocalEmbedder:
+    return LocalEmbedder(loader=model.load)
+
+
+def test_local_fake_model_gives_unit_vectors() -> None:
+    # The fake is good enough to embed: the failures below are the fake's doing, nothing else.
+    vectors = _fake_local(FakeModel()).embed(["one", "two words"])
+    assert [len(v) for v in vectors] == [384, 384]
+    assert all(_norm(v) == pytest.approx(1.0, abs=1e-5) for v in vectors)
+
+
+class PanicException(BaseException):
+    """What a Rust panic inside `tokenizers` raises: PyO3's PanicException, a BaseException."""
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(FakeModel(tokenizer_error=Exception("Truncation error")), id="tokenizer"),
+        pytest.param(FakeModel(tokenizer_error=TypeError("bad input")), id="tokenizer-type-error"),
+        pytest.param(FakeModel(tokenizer_error=PanicException("rust panicked")), id="tokenizer-panic"),
+        pytest.param(FakeModel(session_error=RuntimeError("ONNXRuntimeError: bad shape")), id="session"),
+        pytest.param(FakeModel(hidden_value=float("nan")), id="nan-output"),
+        pytest.param(FakeModel(width=12), id="wrong-width"),
+    ],
+)
+def test_local_tokenizer_or_session_failures_are_unavailable(model: FakeModel) -> None:
+    embedder = _fake_local(model)
+    with pytest.raises(UnavailableError) as raised:
+        embedder.embed(["some text", "more"])
+    assert raised.value.reason == EMBEDDER_UNAVAILABLE
+    assert "all-MiniLM-L6-v2-int8" in raised.value.message
+
+
+def test_local_model_that_fails_to_load_is_unavailable_and_loads_on_a_later_call() -> None:
+    model = FakeModel(load_errors=[RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF")])
+    embedder = _fake_local(model)
+    with pytest.raises(UnavailableError) as raised:
+        embedder.embed(["text"])
+    assert raised.value.reason == EMBEDDER_UNAVAILABLE
+    assert "cannot load" in raised.value.message
+    assert len(embedder.embed(["text"])) == 1
+    assert model.loads == 2
+
+
+def test_local_probe_does_not_load_the_model_until_something_is_embedded() -> None:
+    model = FakeModel()
+    embedder = _fake_local(model)
+
+    details = embedder.probe()
+
+    assert details == {"model": "all-MiniLM-L6-v2-int8", "dimension": 384, "loaded": False}
+    assert (model.loads, model.runs) == (0, 0)
+    embedder.embed(["load it now"])
+    assert embedder.probe()["loaded"] is True
+    assert (model.loads, model.runs) == (1, 2)  # once loaded, the probe runs the model
+
+
+def test_local_probe_of_a_loaded_model_that_fails_is_unavailable() -> None:
+    model = FakeModel()
+    embedder = _fake_local(model)
+    embedder.embed(["load it"])
+    model.session_error = RuntimeError("ONNXRuntimeError")
+    with pytest.raises(UnavailableError) as raised:
+        embedder.probe()
+    assert raised.value.reason == EMBEDDER_UNAVAILABLE
+
+
 # --- HttpEmbedder against a real HTTP server ---------------------------------------------------
 
 
@@ -119,6 +233,7 @@ class Reply:
     status: int = 200
     body: bytes | None = None
     delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,12 +245,14 @@ class Seen:
 
 @dataclass
 class EmbeddingServer:
-    """Ollama's POST /api/embed and OpenAI's POST /v1/embeddings on 127.0.0.1, port 0."""
+    """Ollama's POST /api/embed and GET /api/tags, OpenAI's POST /v1/embeddings and GET /v1/models,
+    on 127.0.0.1, port 0."""
 
     httpd: ThreadingHTTPServer
     replies: list[Reply] = field(default_factory=list)
     requests: list[Seen] = field(default_factory=list)
     openai_reversed: bool = False
+    listed: list[str] = field(default_factory=lambda: ["test-model:latest", "test-model"])
     release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -143,16 +260,31 @@ class EmbeddingServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
-    def answer(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, bytes, float]:
+    def answer(self, method: str, path: str, headers: dict[str, str], raw: bytes) -> Reply:
         try:
             body = json.loads(raw)
         except ValueError:
             body = None
         with self.lock:
-            self.requests.append(Seen(path, headers, body))
+            self.requests.append(Seen(f"{method} {path}" if method == "GET" else path, headers, body))
             reply = self.replies.pop(0) if self.replies else Reply()
         if reply.body is not None or reply.status != 200:
-            return reply.status, reply.body or b'{"error": "scripted"}', reply.delay
+            return Reply(reply.status, reply.body or b'{"error": "scripted"}', reply.delay, reply.headers)
+        if method == "GET":
+            return Reply(body=self._models(path), delay=reply.delay)
+        status, answer, delay = self._embeddings(path, body, reply.delay)
+        return Reply(status, answer, delay)
+
+    def _models(self, path: str) -> bytes:
+        if path == "/api/tags":
+            models = [{"name": name, "model": name, "size": 274302450} for name in self.listed]
+            return json.dumps({"models": models}).encode()
+        if path == "/v1/models":
+            data = [{"id": name, "object": "model", "owned_by": "test"} for name in self.listed]
+            return json.dumps({"object": "list", "data": data}).encode()
+        return b'{"error": "not found"}'
+
+    def _embeddings(self, path: str, body: Any, delay: float) -> tuple[int, bytes, float]:
         texts: list[str] = body["input"]
         if path == "/api/embed":
             answer: dict[str, Any] = {"model": body["model"], "embeddings": [_raw_vector(t) for t in texts]}
@@ -162,8 +294,8 @@ class EmbeddingServer:
             ]
             answer = {"object": "list", "data": data[::-1] if self.openai_reversed else data}
         else:
-            return 404, b'{"error": "not found"}', reply.delay
-        return 200, json.dumps(answer).encode(), reply.delay
+            return 404, b'{"error": "not found"}', delay
+        return 200, json.dumps(answer).encode(), delay
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -176,13 +308,22 @@ class _QuietServer(ThreadingHTTPServer):
 def _handler(server: Callable[[], EmbeddingServer]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
+            self._reply("POST")
+
+        def do_GET(self) -> None:
+            self._reply("GET")
+
+        def _reply(self, method: str) -> None:
             fake = server()
             raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            status, body, delay = fake.answer(self.path, dict(self.headers.items()), raw)
-            if delay:
-                fake.release.wait(delay)
-            self.send_response(status)
+            reply = fake.answer(method, self.path, dict(self.headers.items()), raw)
+            body = reply.body or b""
+            if reply.delay:
+                fake.release.wait(reply.delay)
+            self.send_response(reply.status)
             self.send_header("Content-Type", "application/json")
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -391,6 +532,20 @@ BAD_ANSWERS: list[tuple[str, str, bytes]] = [
         b'{"data": [{"index": 0, "embedding": [NaN, 1, 2]}, {"index": 1, "embedding": [1, 2, 3]}]}',
     ),
     ("openai", "differing-lengths", _openai([[1, 2, 3, 4], [1, 2, 3]])),
+    # Each of these escaped as another exception (INTERNAL): RecursionError, OverflowError, or
+    # silently taken for numbers.
+    ("ollama", "nested-too-deep", b"[" * 100_000 + b"]" * 100_000),
+    ("openai", "nested-too-deep", b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    ("ollama", "integer-too-large-for-a-float", b'{"embeddings": [[1, 2, 3], [1' + b"0" * 400 + b", 1, 2]]}"),
+    ("ollama", "booleans", _ollama([[1, 2, 3], [True, False, True]])),
+    ("openai", "number-strings", _openai([[1, 2, 3], ["1", "2", "3"]])),
+    ("ollama", "not-utf8", b'{"embeddings": "\xff\xfe"}'),
+    ("openai", "data-of-numbers", b'{"data": [1, 2]}'),
+    (
+        "openai",
+        "mixed-index-types",
+        b'{"data": [{"index": "0", "embedding": [1]}, {"index": 1, "embedding": [1]}]}',
+    ),
 ]
 
 
@@ -403,6 +558,18 @@ def test_answers_that_are_not_one_good_vector_per_text_are_unavailable(
     embedding_server.replies = [Reply(200, body)]
     with pytest.raises(UnavailableError) as raised:
         make_embedder(kind, retries=2).embed(["a", "b"])
+    assert raised.value.reason == EMBEDDER_UNAVAILABLE
+    assert len(embedding_server.requests) == 1
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+def test_an_answer_that_cannot_be_decompressed_is_unavailable(
+    embedding_server: EmbeddingServer, make_embedder: MakeEmbedder, kind: str
+) -> None:
+    # httpx raises DecodingError, which is neither a time-out nor a transport error.
+    embedding_server.replies = [Reply(200, b"this is not gzip", headers={"Content-Encoding": "gzip"})]
+    with pytest.raises(UnavailableError) as raised:
+        make_embedder(kind, retries=2).embed(["a"])
     assert raised.value.reason == EMBEDDER_UNAVAILABLE
     assert len(embedding_server.requests) == 1
 
@@ -449,6 +616,110 @@ def test_connection_refused_is_unavailable(kind: str, retries: int) -> None:
         with pytest.raises(UnavailableError) as raised:
             embedder.embed(["a"])
         assert time.monotonic() - started < 2.0
+    finally:
+        embedder.close()
+    assert raised.value.reason == EMBEDDER_UNAVAILABLE
+    assert "cannot reach" in raised.value.message
+
+
+# --- the health probe: a cheap GET, never an embedding ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "request_line"), [("ollama", "GET /api/tags"), ("openai", "GET /v1/models")]
+)
+def test_probe_lists_the_models_and_embeds_nothing(
+    embedding_server: EmbeddingServer, make_embedder: MakeEmbedder, kind: str, request_line: str
+) -> None:
+    embedder = make_embedder(kind)
+
+    details = embedder.probe()
+    embedder.probe()
+
+    assert details == {"model": f"{kind}/test-model", "dimension": None, "url": embedder.url}
+    assert [seen.path for seen in embedding_server.requests] == [request_line] * 2
+
+
+def test_probe_sends_the_api_key(embedding_server: EmbeddingServer, make_embedder: MakeEmbedder) -> None:
+    make_embedder("openai", api_key="sk-test-123").probe()
+    (seen,) = embedding_server.requests
+    assert {name.lower(): value for name, value in seen.headers.items()}[
+        "authorization"
+    ] == "Bearer sk-test-123"
+
+
+LISTINGS: list[tuple[str, str, list[str], bool]] = [
+    ("ollama", "nomic-embed-text", ["nomic-embed-text:latest"], True),  # no tag means :latest
+    ("ollama", "nomic-embed-text:v1.5", ["nomic-embed-text:v1.5", "llama3:latest"], True),
+    ("ollama", "nomic-embed-text:v1.5", ["nomic-embed-text:latest"], False),
+    ("ollama", "nomic-embed-text", ["llama3:latest"], False),
+    ("ollama", "nomic-embed-text", [], False),
+    ("openai", "text-embedding-3-small", ["gpt-4o", "text-embedding-3-small"], True),
+    ("openai", "text-embedding-3-small", ["text-embedding-3-large"], False),
+]
+
+
+@pytest.mark.parametrize(
+    "case", LISTINGS, ids=[f"{k}-{m}-{'up' if up else 'down'}" for k, m, _, up in LISTINGS]
+)
+def test_probe_checks_that_the_server_lists_the_configured_model(
+    embedding_server: EmbeddingServer, make_embedder: MakeEmbedder, case: tuple[str, str, list[str], bool]
+) -> None:
+    kind, model, listed, up = case
+    embedding_server.listed = listed
+    embedder = make_embedder(kind, model_name=model)
+    if up:
+        assert embedder.probe()["model"] == f"{kind}/{model}"
+        return
+    with pytest.raises(UnavailableError) as raised:
+        embedder.probe()
+    assert raised.value.reason == EMBEDDER_UNAVAILABLE
+    assert repr(model) in raised.value.message
+
+
+BAD_LISTINGS: list[tuple[str, Reply]] = [
+    ("server-error", Reply(500)),  # not retried: the next health round is the retry
+    ("bad-api-key", Reply(401)),
+    ("not-found", Reply(404)),
+    ("not-json", Reply(200, b"<html>gateway</html>")),
+    ("json-null", Reply(200, b"null")),
+    ("wrong-shape", Reply(200, b'{"models": "nomic-embed-text", "data": 3}')),
+    ("items-not-objects", Reply(200, b'{"models": [1, 2], "data": [1, 2]}')),
+    ("nested-too-deep", Reply(200, b"[" * 100_000 + b"]" * 100_000)),
+]
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+@pytest.mark.parametrize("reply", [r for _, r in BAD_LISTINGS], ids=[n for n, _ in BAD_LISTINGS])
+def test_probe_of_a_failed_or_unreadable_model_list_is_unavailable(
+    embedding_server: EmbeddingServer, make_embedder: MakeEmbedder, kind: str, reply: Reply
+) -> None:
+    embedding_server.replies = [reply]
+    with pytest.raises(UnavailableError) as raised:
+        make_embedder(kind, retries=2).probe()
+    assert raised.value.reason == EMBEDDER_UNAVAILABLE
+    assert len(embedding_server.requests) == 1
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+def test_probe_gives_up_after_the_short_probe_timeout_not_the_embedding_timeout(
+    embedding_server: EmbeddingServer, make_embedder: MakeEmbedder, kind: str
+) -> None:
+    embedding_server.replies = [Reply(delay=10.0)]
+    embedder = make_embedder(kind, timeout=30.0)
+    started = time.monotonic()
+    with pytest.raises(UnavailableError) as raised:
+        embedder.probe()
+    assert time.monotonic() - started < PROBE_TIMEOUT + 1.0
+    assert raised.value.reason == EMBEDDER_UNAVAILABLE
+    assert f"{PROBE_TIMEOUT:g}s" in raised.value.message
+
+
+def test_probe_of_a_server_that_is_down_is_unavailable() -> None:
+    embedder = HttpEmbedder(kind="ollama", url=f"http://127.0.0.1:{_closed_port()}", model_name="m")
+    try:
+        with pytest.raises(UnavailableError) as raised:
+            embedder.probe()
     finally:
         embedder.close()
     assert raised.value.reason == EMBEDDER_UNAVAILABLE
