@@ -35,13 +35,12 @@ from typing import Any
 from crewdb.db.backup import CopyContents, contents, online_copy
 from crewdb.errors import FailedPreconditionError
 from crewdb.services.knowledge import KnowledgeBase
-from crewdb.vectors.store import ExportBatch, ExportedChunk, VectorStore
+from crewdb.vectors.store import DATA_IN_USE, ExportBatch, ExportedChunk, VectorStore
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 DB_FILE, VECTORS_FILE, MANIFEST_FILE = "app.db", "vectors.jsonl", "manifest.json"
-DATA_IN_USE = "DATA_IN_USE"
 # What SQLite keeps beside a database file while it is open.
 _SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")
 _RESERVED_INTS = ("_idx", "_rev", "_start", "_end")

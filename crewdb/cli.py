@@ -7,6 +7,7 @@ import asyncio
 import logging
 import math
 import os
+import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -364,6 +365,7 @@ def _backup(settings: Settings, args: argparse.Namespace, password: str | None) 
                 export = export_through_server(client)
             else:
                 assert store is not None  # noqa: S101 - one of the two is always made
+                store.claim()  # and keeps a server from starting on these files meanwhile
                 export = store.export(256)
             summary = asyncio.run(backup(settings.database_path, args.destination, export, bar.update))
     except CrewdbError as error:
@@ -419,11 +421,15 @@ async def _restore_vectors(
         refuse_if_in_use(settings.database_path, settings.vector_db_path, hint="stop it first")
     # Both targets are checked before either is written: a refused restore changes nothing.
     store = build_vector_store(settings)
+    made = settings.chroma_host is None and not settings.vector_db_path.exists()
     try:
+        store.claim()
         await refuse_unless_empty(settings.database_path, store)
         await asyncio.to_thread(place_database, source, settings.database_path)
     except BaseException:
         store.close()
+        if made:  # a refused restore leaves nothing behind
+            shutil.rmtree(settings.vector_db_path, ignore_errors=True)
         raise
     engine, _, _ = await asyncio.to_thread(open_database, settings.database_path)  # older backups migrate
     db = Database(engine, read_threads=1)

@@ -254,6 +254,12 @@ async def build_server(settings: Settings) -> App:  # noqa: PLR0915 - the one pl
     task_events = TaskEvents()
     tasks = TaskService(db, task_events, page_tokens, clock)
     vectors = build_vector_store(settings)
+    try:
+        vectors.claim()
+    except FailedPreconditionError as error:
+        db.close()
+        hasher.close()
+        raise StartupError(error.message) from error
     embedder = build_embedder(settings)
     knowledge = KnowledgeBase(
         db,

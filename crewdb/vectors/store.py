@@ -15,14 +15,16 @@ comes back is used again without a restart.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from crewdb.errors import CrewdbError, FailedPreconditionError, UnavailableError
 from crewdb.threads import in_thread
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 VECTOR_STORE_UNAVAILABLE = "VECTOR_STORE_UNAVAILABLE"
+DATA_IN_USE = "DATA_IN_USE"
+# In an embedded store's folder: held (flock) by the one process that has the store open.
+LOCK_FILE = "crewdb.lock"
 EMBEDDING_MODEL_MISMATCH = "EMBEDDING_MODEL_MISMATCH"
 # Chunks per upsert call: Chroma accepts thousands, but each call is bounded by the vector
 # timeout, and inserting into a large index is slow on a small machine.
@@ -105,6 +110,7 @@ class VectorStore:
         # Set after a failure or time-out: the next call rebuilds the client (server mode).
         self._stale = False
         self._max_batch = 1000
+        self._claim: IO[str] | None = None
 
     @property
     def location(self) -> str:
@@ -112,6 +118,33 @@ class VectorStore:
 
     def collection_name(self, owner: str) -> str:
         return f"{self.collection}.{owner}"
+
+    def claim(self) -> None:
+        """Embedded: takes the folder for this process, for as long as the store is open (two
+        processes writing one embedded Chroma corrupt it). Does nothing for a Chroma server.
+
+        Raises:
+            FailedPreconditionError: (DATA_IN_USE) another process holds the folder.
+        """
+        if self._path is None or self._claim is not None:
+            return
+        self._path.mkdir(parents=True, exist_ok=True)
+        handle = (self._path / LOCK_FILE).open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise FailedPreconditionError(
+                f"VECTOR_DB_PATH={self._path} is in use by process {holder} (an embedded Chroma may be "
+                "opened by one process only): stop that process, or give this one other data paths",
+                reason=DATA_IN_USE,
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._claim = handle
 
     # --- the calls ----------------------------------------------------------------------------
 
@@ -388,6 +421,9 @@ class VectorStore:
         self._probe_executor.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._forget_client()
+        if self._claim is not None:
+            self._claim.close()  # releases the flock
+            self._claim = None
 
     # --- plumbing -----------------------------------------------------------------------------
 

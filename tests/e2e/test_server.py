@@ -160,6 +160,7 @@ def test_serve_subprocess_serves_then_exits_cleanly_on_sigterm(tmp_path: Path) -
     env = {
         **os.environ,
         "DATABASE_PATH": str(tmp_path / "app.db"),
+        "VECTOR_DB_PATH": str(tmp_path / "vectordb"),
         "CREWDB_PORT": str(port),
         "JWT_SECRET": TEST_SECRET,
     }
@@ -319,3 +320,60 @@ def test_idle_streams_at_the_call_limit_refuse_new_calls_but_never_health_probes
         for watch in watches:
             watch.cancel()
         stop()
+
+
+def test_a_second_server_on_the_same_embedded_chroma_refuses_to_start(tmp_path: Path) -> None:
+    """Two processes writing one embedded Chroma corrupt it: the second `crewdb serve` on the same
+    VECTOR_DB_PATH stops at once with one line naming the first, and starts once the first is gone."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("CREWDB_", "CHROMA_"))},
+        "DATABASE_PATH": str(tmp_path / "app.db"),
+        "VECTOR_DB_PATH": str(tmp_path / "vectordb"),
+        "JWT_SECRET": TEST_SECRET,
+        "CREWDB_HOST": "127.0.0.1",
+    }
+    first_port = free_port()
+    first = subprocess.Popen(
+        [sys.executable, "-m", "crewdb", "serve", "--port", str(first_port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{first_port}") as channel:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if _health(channel, "liveness") == SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert first.poll() is None, first.communicate()[1]
+                assert time.monotonic() < deadline, "the first server never came up"
+                time.sleep(0.1)
+        second = subprocess.run(
+            [sys.executable, "-m", "crewdb", "serve", "--port", str(free_port())],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode != 0
+        assert "Traceback" not in second.stderr
+        assert f"VECTOR_DB_PATH={tmp_path / 'vectordb'} is in use by process {first.pid}" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+    assert first.returncode == 0
+    # Gone: the folder is free again.
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        database_path=tmp_path / "app.db",
+        vector_db_path=tmp_path / "vectordb",
+        jwt_secret=TEST_SECRET,
+    )
+    _, stop = start_server(settings)
+    stop()
