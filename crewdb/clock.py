@@ -5,15 +5,15 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 
-# Fixed width (microseconds always present, `Z` suffix), so text order is time order in the
-# database and keyset pagination can compare timestamps as strings.
-TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+# Fixed width (four-digit year, microseconds always present, `Z` suffix), so text order is
+# time order in the database and keyset pagination can compare timestamps as strings.
+# isoformat rather than strftime: strftime's %Y does not pad years before 1000 on Linux.
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
 
 def format_timestamp(moment: datetime) -> str:
-    """The stored form of a moment: `2026-12-03T16:43:09.123456Z`."""
-    return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
+    """The stored form of a moment: `2026-12-03T16:43:09.123456Z` (`0999-...` for the year 999)."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_timestamp(text: str) -> datetime:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,3 +116,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class HashEmbedder:
+    """A fast stand-in for the embedding model: 16 dimensions derived from a hash of the text.
+
+    The real model embeds a few chunks a second on a test machine, and tests that write many or
+    long documents are about everything around the model. Patch it in with
+    `monkeypatch.setattr("crewdb.server.build_embedder", lambda _settings: HashEmbedder())`."""
+
+    model = "hash-16"
+    dimension = 16
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        vectors = []
+        for text in texts:
+            raw = [b - 127.5 for b in hashlib.sha256(text.encode("utf-8", "replace")).digest()[:16]]
+            norm = math.sqrt(sum(x * x for x in raw))
+            vectors.append([x / norm for x in raw])
+        return vectors
+
+    def probe(self) -> dict[str, Any]:
+        return {"model": self.model, "dimension": self.dimension}
+
+    def close(self) -> None:
+        pass

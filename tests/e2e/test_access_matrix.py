@@ -35,7 +35,9 @@ from crewdb.v1 import options_pb2
 from crewdb.v1 import task_service_pb2 as tpb
 from crewdb.v1 import user_service_pb2 as upb
 from crewdb.v1 import vector_service_pb2 as vpb
+from crewdb.v1.system_service_pb2_grpc import SystemServiceStub
 from crewdb.v1.user_service_pb2_grpc import UserServiceStub
+from crewdb.v1.vector_service_pb2_grpc import VectorServiceStub
 from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, sign_in, start_server
 from tests.rpc_errors import DETAILS_KEY, failure
 
@@ -800,6 +802,21 @@ class Transcript:
         self.seen += [serialized(carried), repr(carried.SerializeToString())]
         return reply
 
+    def stream(self, rpc: Any, request: Message, metadata: Metadata = ()) -> int:
+        """Reads a server stream to its end and records every message; returns how many came."""
+        call = rpc(request, metadata=metadata, timeout=TIMEOUT)
+        replies = 0
+        try:
+            for reply in call:
+                self.seen += [serialized(reply), repr(reply.SerializeToString())]
+                replies += 1
+        except grpc.RpcError as error:
+            if not isinstance(error, grpc.Call):
+                raise
+            self.seen.append(f"{error.code()} {error.details()}")
+        self.metadata(call.initial_metadata(), call.trailing_metadata())
+        return replies
+
     def metadata(self, *groups: Any) -> None:
         for group in groups:
             for key, value in group or ():
@@ -878,6 +895,25 @@ def test_no_response_error_or_log_line_carries_a_password_token_or_hash(
             seen.call(users.GetUser, upb.GetUserRequest(user_id=carol.id), bearer(root.access_token))
             is not None
         )
+        # SystemService reports on the whole server: every method, as an admin and as a user,
+        # with a document of carol's in the knowledge base for the vector export to carry.
+        document = vpb.DocumentInput(id="notes", text="Carol keeps her notes here.", title="Notes")
+        vectors = VectorServiceStub(channel)
+        added = vpb.AddDocumentsRequest(documents=[document])
+        assert seen.call(vectors.AddDocuments, added, bearer(again.access_token)) is not None
+        system = SystemServiceStub(channel)
+        system_service = next(s for s in SERVICES if s.name == "SystemService")
+        for method in system_service.methods:
+            empty = message_factory.GetMessageClass(method.input_type)()
+            rpc = getattr(system, method.name)
+            for caller in (root, again):
+                if method.server_streaming:
+                    replies = seen.stream(rpc, empty, bearer(caller.access_token))
+                    assert caller is again or replies > 0, f"{method.name} sent nothing"
+                elif caller is root:
+                    assert seen.call(rpc, empty, bearer(caller.access_token)) is not None, method.name
+                else:
+                    seen.call(rpc, empty, bearer(caller.access_token))
 
     password_hashes, token_hashes = stored_secrets(server)
     password_hashes += hashes_at_registration
@@ -891,10 +927,13 @@ def test_no_response_error_or_log_line_carries_a_password_token_or_hash(
         "a refresh token": seen.refresh_tokens,
         "a refresh token's hash": refresh_hashes + token_hashes,
         "a password hash": ["$2b$", "$2a$", *password_hashes],
+        "the token signing secret": [TEST_SECRET],
     }
     records = [f"{record.getMessage()} {vars(record)!r}" for record in caplog.records]
     assert any("INVALID_CREDENTIALS" in line for line in records)  # the calls were logged
     assert any("carol" in text for text in seen.seen)  # and the transcript holds the answers
+    assert any("document_chunks" in text for text in seen.seen)  # the health report among them
+    assert any("Carol keeps her notes" in text for text in seen.seen)  # and the vector export
     places = {"responses": seen.seen, "logs": [*records, caplog.text]}
     for place, texts in places.items():
         for text in texts:

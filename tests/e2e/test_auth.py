@@ -29,8 +29,10 @@ from crewdb.errors import CrewdbError
 from crewdb.models import UserRole
 from crewdb.services.throttle import ACCOUNT_FREE_FAILURES, ADDRESS_FREE_FAILURES, PAIR_FREE_FAILURES
 from crewdb.v1 import conversation_service_pb2 as cpb
+from crewdb.v1 import system_service_pb2 as system_pb
 from crewdb.v1 import user_service_pb2 as pb
 from crewdb.v1.conversation_service_pb2_grpc import ConversationServiceStub
+from crewdb.v1.system_service_pb2_grpc import SystemServiceStub
 from crewdb.v1.user_service_pb2_grpc import UserServiceStub
 from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, start_server
 from tests.rpc_errors import DETAILS_KEY, RpcFailure, failure
@@ -1064,7 +1066,7 @@ def test_deactivation_ends_every_session_at_once_and_login_then_fails(
 
 
 def test_no_response_carries_a_password_hash_or_a_refresh_token_hash(
-    server: RunningServer, users: UserServiceStub
+    server: RunningServer, channel: grpc.Channel, users: UserServiceStub
 ) -> None:
     root = login_new(server, users, "root", UserRole.ADMIN)
     created = register(users, "alice")
@@ -1090,12 +1092,17 @@ def test_no_response_carries_a_password_hash_or_a_refresh_token_hash(
             pb.SetUserActiveRequest(user_id=alice_id, active=True), metadata=root.metadata, timeout=TIMEOUT
         ),
         users.GetUserStats(pb.GetUserStatsRequest(), metadata=root.metadata, timeout=TIMEOUT),
+        # SystemService reports on the whole server, the users table included.
+        SystemServiceStub(channel).GetHealthReport(
+            system_pb.GetHealthReportRequest(), metadata=root.metadata, timeout=TIMEOUT
+        ),
     ]
     hashes = stored_hashes(server)
     assert len(hashes) >= 3 + 5  # three passwords; five refresh tokens, one of them spent
     for response in responses:
         wire, text = response.SerializeToString(), str(response)
         assert b"$2b$" not in wire
+        assert TEST_SECRET not in text, type(response).__name__
         for hashed in hashes:
             assert hashed.encode() not in wire, type(response).__name__
             assert hashed not in text, type(response).__name__

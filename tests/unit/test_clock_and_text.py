@@ -35,6 +35,16 @@ def test_stored_format_is_fixed_width_and_sorts_as_time() -> None:
     assert parse_timestamp(format_timestamp(late)) == late
 
 
+def test_every_year_the_api_accepts_is_stored_four_digits_wide_in_time_order() -> None:
+    moments = [datetime(year, 1, 1, tzinfo=UTC) for year in (1, 9, 99, 999, 1000, 2026, 9999)]
+    texts = [format_timestamp(moment) for moment in moments]
+    assert texts[0] == "0001-01-01T00:00:00.000000Z"
+    assert texts[3] == "0999-01-01T00:00:00.000000Z"
+    assert {len(text) for text in texts} == {27}
+    assert sorted(texts) == texts
+    assert [parse_timestamp(text) for text in texts] == moments
+
+
 def test_older_naive_timestamps_are_read_as_utc() -> None:
     assert parse_timestamp("2024-05-01 10:00:00") == datetime(2024, 5, 1, 10, tzinfo=UTC)
     assert parse_timestamp("2024-05-01T10:00:00.000Z") == datetime(2024, 5, 1, 10, tzinfo=UTC)
