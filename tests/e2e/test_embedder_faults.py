@@ -16,7 +16,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crewdb.config import Settings
 from crewdb.v1 import conversation_service_pb2 as pb
-from crewdb.v1 import user_service_pb2 as users_pb
 from crewdb.v1 import vector_service_pb2 as vectors_pb
 from tests.conftest import RunningServer, sign_in, start_server
 from tests.rpc_errors import failure
@@ -169,30 +168,3 @@ def test_the_health_checker_lists_the_embedding_servers_models_and_never_embeds(
     embedding_server.listed = ["tiny:latest"]
     _wait_for_status(crewdb, health_pb2.HealthCheckResponse.SERVING)
     assert set(embedding_server.requests) == {"GET /api/tags"}
-
-
-def test_a_deadline_that_expires_mid_embedding_leaves_the_document_whole_or_absent(
-    server: RunningServer,
-) -> None:
-    alice = sign_in(server, "alice")
-    long_text = "A sentence about ovens and bread and the patience they need. " * 1000  # ~60 chunks
-    with pytest.raises(grpc.RpcError) as caught:
-        alice.vectors.AddDocuments(_document("long", long_text), timeout=0.5)
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    owner = alice.users.GetMe(users_pb.GetMeRequest()).id
-
-    # The server keeps serving; whatever it stored is a whole document, in SQLite and Chroma alike.
-    deadline = time.monotonic() + 60
-    while True:
-        stats = alice.vectors.GetVectorStats(vectors_pb.GetVectorStatsRequest())
-        chroma = server.call(server.app.vectors.count(owner))
-        if stats.chunks == chroma:
-            break
-        assert time.monotonic() < deadline, (stats.chunks, chroma)
-        time.sleep(0.2)
-    assert stats.documents in (0, 1)
-    if stats.documents:
-        document = alice.vectors.GetDocument(vectors_pb.GetDocumentRequest(id="long"))
-        assert document.text == long_text
-        assert document.chunk_count == stats.chunks
-    alice.close()
