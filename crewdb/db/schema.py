@@ -16,7 +16,8 @@ And by migration 0004 (accounts):
   - refresh_tokens.family_id (the session: every token rotated from one sign-in shares it) and
     refresh_tokens.used_at (when the token was spent; a second use is theft), with
     idx_refresh_tokens_family.
-Timestamps are TEXT as `crewdb.clock.format_timestamp` writes them (`2026-12-03T16:43:09.123456Z`); JSON columns hold JSON objects as TEXT.
+Timestamps are TEXT as `crewdb.clock.format_timestamp` writes them
+(`2026-12-03T16:43:09.123456Z`); JSON columns hold JSON objects as TEXT.
 """
 
 from __future__ import annotations
