@@ -207,13 +207,16 @@ class _Parser:
         try:
             value = cast(raw.strip())
         except ValueError:
-            self.errors.append(f"{name}={raw!r}: expected {_type_name(cast)}")
+            self.errors.append(f"{name}={_shown(raw)!r}: expected {_type_name(cast)}")
             return None
         problem = check(value) if check else None
         if problem:
-            self.errors.append(f"{name}={raw!r}: {problem}")
+            self.errors.append(f"{name}={_shown(raw)!r}: {problem}")
             return None
         return value
+
+
+_CREDENTIALS = re.compile(r"//[^/?#]*@")
 
 
 def _type_name(cast: Callable[[str], object]) -> str:
@@ -263,7 +266,17 @@ def _collection_name(value: str) -> str | None:
 
 
 def _http_url(value: str) -> str | None:
-    return None if value.startswith(("http://", "https://")) else "expected an http:// or https:// URL"
+    if not value.startswith(("http://", "https://")):
+        return "expected an http:// or https:// URL"
+    if _CREDENTIALS.search(value):
+        # It would be shown in errors and logs; the key has a variable of its own, never shown.
+        return "must not carry a user name or password: use CREWDB_EMBEDDER_API_KEY"
+    return None
+
+
+def _shown(raw: str) -> str:
+    """A value as an error message may show it: without credentials in a URL."""
+    return _CREDENTIALS.sub("//***@", raw)
 
 
 def _log_level(value: str) -> str | None:

@@ -132,7 +132,7 @@ class App:
         self.events.close()
         self.task_events.close()
         await self.server.stop(grace)
-        await self.knowledge.drain()  # writes whose callers gave up still run to the end
+        await self.knowledge.drain(grace)  # writes whose callers gave up run to the end
         self.hasher.close()
         if self.metrics is not None:
             self.metrics.close()

@@ -4,8 +4,10 @@ SQLite's `documents` table is the source of truth; Chroma holds the chunks' vect
 puts the new chunks into Chroma first, under a new revision, then commits the document in
 SQLite, then deletes the old revision's chunks. A search keeps only chunks of the revision
 SQLite holds (and of its chunk count), so a write that fails half-way is never visible: the
-caller sees either the old document or the new one. A revision that failed is never used
-again. An owner's writes are serialised (one lock per owner) and, once they start changing
+caller sees either the old document or the new one. Revisions are never used twice, not even
+for a document deleted and added again (each is the write's time in microseconds, and more
+than the stored one): a late Chroma call of an earlier write can never touch the chunks of a
+later one. An owner's writes are serialised (one lock per owner) and, once they start changing
 stores, run to the end even if the caller gives up: a cancelled write must not release the
 lock while its threads still write.
 """
@@ -19,6 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from crewdb.clock import Clock
@@ -64,6 +67,8 @@ MAX_QUERY = 2000
 DEFAULT_TOP_K = 10
 MAX_TOP_K = 100
 RRF_K = 60
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MICROSECOND = timedelta(microseconds=1)
 # Texts embedded per trip to a thread (see `_embed`); a few seconds of work at most.
 EMBED_SLICE = 64
 # Chunks Chroma returns beyond top_k, for those of a revision a failed write left behind.
@@ -96,8 +101,6 @@ class KnowledgeBase:
         # Queries get a thread of their own: a search must not wait behind a large upload.
         self._query_pool = ThreadPoolExecutor(1, thread_name_prefix="crewdb-embed-query")
         self._owner_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        # (owner, document id) -> the last revision a failed write may have left chunks under.
-        self._failed_revisions: dict[tuple[str, str], int] = {}
         self._writes: set[asyncio.Task[Any]] = set()
 
     def close(self) -> None:
@@ -106,10 +109,19 @@ class KnowledgeBase:
         self._query_pool.shutdown(wait=False, cancel_futures=True)
         self._embedder.close()
 
-    async def drain(self) -> None:
-        """Waits for the writes whose callers gave up (they run to the end); for shutdown."""
-        if self._writes:
-            await asyncio.wait(set(self._writes))
+    async def drain(self, grace: float | None) -> None:
+        """Waits up to `grace` seconds (None: as long as it takes) for the writes whose callers
+        gave up (they run to the end); for shutdown. What still runs then is left to the
+        start-up check."""
+        if not self._writes:
+            return
+        _, pending = await asyncio.wait(set(self._writes), timeout=grace)
+        if pending:
+            log.warning(
+                "%d knowledge base writes still running at shutdown are abandoned; the start-up "
+                "check makes Chroma agree with SQLite again",
+                len(pending),
+            )
 
     # --- writes -------------------------------------------------------------------------------
 
@@ -148,7 +160,6 @@ class KnowledgeBase:
         metadatas: list[dict[str, Scalar]] = []
         for doc, chunks in chunked:
             old = stored.get(doc.id)
-            last = max(old.revision if old else 0, self._failed_revisions.get((owner, doc.id), 0))
             record = Document(
                 id=doc.id,
                 owner_id=owner,
@@ -157,7 +168,7 @@ class KnowledgeBase:
                 text=doc.text,
                 chunk_count=len(chunks),
                 char_count=len(doc.text),
-                revision=last + 1,
+                revision=max(old.revision + 1 if old else 1, _microseconds(now)),
                 embedding_model=model,
                 created_at=now,
                 updated_at=now,
@@ -177,18 +188,14 @@ class KnowledgeBase:
 
             replaced = await self._db.write(save)
         except BaseException as error:
-            # The new revision is not current, so its chunks are invisible; some may still
-            # arrive from a timed-out Chroma call, so the revision number is never used again.
-            for record, _ in records:
-                self._failed_revisions[(owner, record.id)] = record.revision
-            # A failed write transaction rolled back: what the new revision put into Chroma goes.
-            # Not so after a cancellation (shutdown), when the commit may still land: the
-            # start-up check deletes whatever SQLite does not hold.
+            # The new revision is not current, so its chunks are invisible (some may still
+            # arrive from a timed-out Chroma call; the revision is never used again). A failed
+            # write transaction rolled back: what the new revision put into Chroma goes. Not so
+            # after a cancellation (shutdown), when the commit may still land: the start-up
+            # check deletes whatever SQLite does not hold.
             if not isinstance(error, asyncio.CancelledError):
                 await self._forget_chunks(owner, ids)
             raise
-        for record, _ in records:
-            self._failed_revisions.pop((owner, record.id), None)
         await self._forget_chunks(owner, _keys(stored))
         return [
             AddedDocument(record.id, record.chunk_count, was_replaced)
@@ -240,7 +247,13 @@ class KnowledgeBase:
             return 0
         chunks = await self._db.read(lambda conn: queries.chunks_of(conn, owner, document_id))
         vectors = await self._embed([chunk.text for chunk in chunks])
-        async with self._owner_lock(owner):
+
+        async def put() -> int:
+            # Under the lock, and only if the document is still the one embedded: a write that
+            # came meanwhile has put its own chunks, which these must not overwrite.
+            now = await self._db.read(lambda conn: queries.versions(conn, owner, [document_id]))
+            if (version := now.get(document_id)) is None or version.revision != document.revision:
+                return 0
             await self._store.upsert(
                 owner,
                 self._embedder.model,
@@ -249,7 +262,9 @@ class KnowledgeBase:
                 texts=[chunk.text for chunk in chunks],
                 metadatas=[_chunk_metadata(document, chunk) for chunk in chunks],
             )
-        return len(chunks)
+            return len(chunks)
+
+        return await self._exclusive(owner, put)
 
     async def reconcile(self) -> Reconciliation:
         """Makes Chroma agree with SQLite, the source of truth: deletes chunks of documents or
@@ -507,6 +522,10 @@ def _chunk_metadata(document: Document, chunk: Chunk) -> dict[str, Scalar]:
         "_end": chunk.end,
     }
     return {**stored_metadata(document.metadata), **reserved}
+
+
+def _microseconds(moment: datetime) -> int:
+    return (moment - _EPOCH) // _ONE_MICROSECOND
 
 
 def _keys(versions: dict[str, queries.Version]) -> list[str]:

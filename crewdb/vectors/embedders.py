@@ -67,6 +67,7 @@ def unavailable(message: str) -> UnavailableError:
 # time limit, and far below an embedding call's (which may wait for a model to load).
 PROBE_TIMEOUT = 2.0
 _RETRY = object()  # an HTTP failure worth another try (a JSON answer may be anything, null too)
+_ABSENT = object()  # the server has no such endpoint
 
 
 def _batches(texts: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -306,7 +307,15 @@ class HttpEmbedder:
         """Lists the server's models (never embeds: a paid API bills every call) and checks that
         the configured one is there."""
         timeout = min(PROBE_TIMEOUT, self.timeout)
-        body = self._answer(lambda: self._client.get(self._models_endpoint, timeout=timeout), timeout)
+        # Some OpenAI-compatible servers and proxies have no model list: that it answers is all
+        # that can be known without paying for an embedding.
+        body = self._answer(
+            lambda: self._client.get(self._models_endpoint, timeout=timeout),
+            timeout,
+            absent=self.kind != "ollama",
+        )
+        if body is _ABSENT:
+            return {"model": self.model, "dimension": self.dimension, "url": self.url, "models_listed": False}
         try:
             if self.kind == "ollama":
                 names = {name for item in body["models"] for name in (item.get("name"), item.get("model"))}
@@ -334,8 +343,11 @@ class HttpEmbedder:
             time.sleep(0.25 * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _answer(self, send: Callable[[], Any], timeout: float, *, last: bool = True) -> Any:
-        """The parsed JSON of a 200 answer; `_RETRY` for a failure worth retrying (unless `last`).
+    def _answer(
+        self, send: Callable[[], Any], timeout: float, *, last: bool = True, absent: bool = False
+    ) -> Any:
+        """The parsed JSON of a 200 answer; `_RETRY` for a failure worth retrying (unless `last`);
+        with `absent`, `_ABSENT` for a 404 or 405 (the server has no such endpoint).
 
         Raises:
             UnavailableError: (EMBEDDER_UNAVAILABLE) a time-out, a refusal, a failure on the
@@ -358,6 +370,8 @@ class HttpEmbedder:
                 return response.json()
             except Exception as error:  # bad UTF-8, bad JSON, JSON nested too deep
                 raise unavailable(f"embedding server {self.url} answered with invalid JSON") from error
+        if absent and response.status_code in (404, 405):
+            return _ABSENT
         retryable = response.status_code == 429 or response.status_code >= 500
         if last or not retryable:
             raise unavailable(

@@ -119,6 +119,12 @@ class VectorStore:
     def collection_name(self, owner: str) -> str:
         return f"{self.collection}.{owner}"
 
+    def _owner_of(self, name: str) -> str | None:
+        """The owner whose collection `name` is, or None for a collection that is not this store's
+        (another deployment's collection `crewdb.team2.<owner>` is not `crewdb`'s)."""
+        owner = name.removeprefix(f"{self.collection}.")
+        return owner if owner != name and owner and "." not in owner else None
+
     def claim(self) -> None:
         """Embedded: takes the folder for this process, for as long as the store is open (two
         processes writing one embedded Chroma corrupt it). Does nothing for a Chroma server.
@@ -128,11 +134,17 @@ class VectorStore:
         """
         if self._path is None or self._claim is not None:
             return
-        self._path.mkdir(parents=True, exist_ok=True)
-        handle = (self._path / LOCK_FILE).open("a+")
+        try:
+            self._path.mkdir(parents=True, exist_ok=True)
+            handle = (self._path / LOCK_FILE).open("a+")
+        except OSError as error:
+            raise FailedPreconditionError(
+                f"VECTOR_DB_PATH={self._path} cannot be used: {error.strerror or error}",
+                reason=VECTOR_STORE_UNAVAILABLE,
+            ) from error
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "?"
             handle.close()
@@ -141,6 +153,8 @@ class VectorStore:
                 "opened by one process only): stop that process, or give this one other data paths",
                 reason=DATA_IN_USE,
             ) from None
+        except OSError as error:  # a file system without locks (some network ones)
+            log.warning("cannot lock %s (%s): nothing keeps a second process off it", self._path, error)
         handle.truncate(0)
         handle.write(f"{os.getpid()}\n")
         handle.flush()
@@ -293,7 +307,7 @@ class VectorStore:
 
         def work() -> dict[str, Any]:
             client = self._connect()
-            collections = [c for c in client.list_collections() if c.name.startswith(f"{self.collection}.")]
+            collections = [c for c in client.list_collections() if self._owner_of(c.name)]
             return {
                 "mode": "server" if self._host else "embedded",
                 "location": self.location,
@@ -312,8 +326,7 @@ class VectorStore:
         """
 
         def names() -> list[str]:
-            prefix = f"{self.collection}."
-            return sorted(c.name for c in self._connect().list_collections() if c.name.startswith(prefix))
+            return sorted(c.name for c in self._connect().list_collections() if self._owner_of(c.name))
 
         def page(name: str, offset: int) -> ExportBatch:
             collection = self._connect().get_collection(name, embedding_function=None)
@@ -371,10 +384,7 @@ class VectorStore:
         """
 
         def work() -> list[str]:
-            prefix = f"{self.collection}."
-            return [
-                c.name[len(prefix) :] for c in self._connect().list_collections() if c.name.startswith(prefix)
-            ]
+            return [owner for c in self._connect().list_collections() if (owner := self._owner_of(c.name))]
 
         return await self._run(work)
 
@@ -410,8 +420,7 @@ class VectorStore:
         """
 
         def work() -> bool:
-            prefix = f"{self.collection}."
-            return not any(c.name.startswith(prefix) for c in self._connect().list_collections())
+            return not any(self._owner_of(c.name) for c in self._connect().list_collections())
 
         return await self._run(work)
 

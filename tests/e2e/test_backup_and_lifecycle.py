@@ -570,7 +570,9 @@ def test_restore_embeds_again_the_documents_the_backup_lists_under_reembed(
         found = asyncio.run(store.matching(alice, {"_doc": "volcanoes"}))
     finally:
         store.close()
-    assert sorted(chunk.id for chunk in found) == ["volcanoes#0@1", "volcanoes#1@1"]
+    with sqlite3.connect(target.database_path) as db:
+        (revision,) = db.execute("SELECT revision FROM documents WHERE id = 'volcanoes'").fetchone()
+    assert sorted(chunk.id for chunk in found) == [f"volcanoes#0@{revision}", f"volcanoes#1@{revision}"]
     restored, stop = start_server(target)
     try:
         with Client(restored.address) as client:

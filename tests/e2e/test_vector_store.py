@@ -9,6 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+from crewdb.errors import FailedPreconditionError
 from crewdb.vectors.filters import Scalar
 from crewdb.vectors.store import UPSERT_BATCH, VectorStore
 from tests.conftest import TEST_SECRET, RunningServer, sign_in
@@ -106,3 +109,43 @@ def test_search_results_come_from_the_callers_own_collection(server: RunningServ
     assert [r.document_id for r in search(theirs.vectors, "volcano eruption")] == ["t"]
     mine.close()
     theirs.close()
+
+
+def test_collections_of_another_deployment_whose_name_extends_ours_are_not_ours(tmp_path: Path) -> None:
+    """`crewdb.team2.<owner>` belongs to the deployment whose collection is `crewdb.team2`, not
+    to `crewdb`: the start-up check of `crewdb` must not take its chunks for strays."""
+    ours = VectorStore(collection="crewdb", path=tmp_path / "vectordb")
+    theirs = VectorStore(collection="crewdb.team2", path=tmp_path / "vectordb")
+
+    async def scenario() -> tuple[list[str], list[str], int]:
+        for store, owner in ((ours, "alice"), (theirs, "bob")):
+            await store.upsert(
+                owner,
+                MODEL,
+                ids=["d#0@1"],
+                embeddings=[[1.0, 0.0]],
+                texts=["t"],
+                metadatas=[{"_doc": "d", "_idx": 0, "_rev": 1}],
+            )
+        exported = [batch.collection async for batch in ours.export(10)]
+        return await ours.owners(), exported, await theirs.count("bob")
+
+    try:
+        owners, exported, kept = asyncio.run(scenario())
+    finally:
+        ours.close()
+        theirs.close()
+    assert owners == ["alice"]
+    assert exported == ["crewdb.alice"]
+    assert kept == 1
+
+
+def test_a_vector_folder_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    store = VectorStore(collection="crewdb", path=tmp_path / "file" / "vectordb")
+    try:
+        with pytest.raises(FailedPreconditionError) as raised:
+            store.claim()
+    finally:
+        store.close()
+    assert raised.value.message.startswith(f"VECTOR_DB_PATH={tmp_path / 'file' / 'vectordb'} cannot be used")

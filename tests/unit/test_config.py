@@ -70,3 +70,18 @@ def test_only_an_unconfigured_server_may_make_up_its_own_secret() -> None:
     assert Settings.from_env({"CREWDB_PORT": "6000"}).embedded_defaults
     for name, value in [("DATABASE_PATH", "/srv/app.db"), ("CREWDB_HOST", "0.0.0.0")]:  # noqa: S104
         assert not Settings.from_env({name: value}).embedded_defaults
+
+
+def test_an_embedder_url_with_credentials_is_refused_without_showing_them() -> None:
+    env = {"CREWDB_EMBEDDER": "openai", "CREWDB_EMBEDDER_URL": "https://bob:hunter2-secret@llm.example/v1"}
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    message = str(caught.value)
+    assert (
+        "CREWDB_EMBEDDER_URL='https://***@llm.example/v1': must not carry a user name or password" in message
+    )
+    assert "hunter2" not in message
+    assert "bob" not in message
+    assert Settings.from_env({**env, "CREWDB_EMBEDDER_URL": "https://llm.example/v1"}).embedder_url == (
+        "https://llm.example/v1"
+    )

@@ -680,7 +680,6 @@ def test_probe_checks_that_the_server_lists_the_configured_model(
 BAD_LISTINGS: list[tuple[str, Reply]] = [
     ("server-error", Reply(500)),  # not retried: the next health round is the retry
     ("bad-api-key", Reply(401)),
-    ("not-found", Reply(404)),
     ("not-json", Reply(200, b"<html>gateway</html>")),
     ("json-null", Reply(200, b"null")),
     ("wrong-shape", Reply(200, b'{"models": "nomic-embed-text", "data": 3}')),
@@ -699,6 +698,26 @@ def test_probe_of_a_failed_or_unreadable_model_list_is_unavailable(
         make_embedder(kind, retries=2).probe()
     assert raised.value.reason == EMBEDDER_UNAVAILABLE
     assert len(embedding_server.requests) == 1
+
+
+def test_probe_of_an_ollama_without_a_model_list_is_unavailable(
+    embedding_server: EmbeddingServer, make_embedder: MakeEmbedder
+) -> None:
+    embedding_server.replies = [Reply(404)]
+    with pytest.raises(UnavailableError) as raised:
+        make_embedder("ollama").probe()
+    assert "HTTP 404" in raised.value.message
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_probe_of_an_openai_compatible_server_without_a_model_list_counts_it_as_reachable(
+    embedding_server: EmbeddingServer, make_embedder: MakeEmbedder, status: int
+) -> None:
+    """Some proxies and servers speak /v1/embeddings only; a paid embedding is not the way to check them."""
+    embedding_server.replies = [Reply(status)]
+    details = make_embedder("openai").probe()
+    assert details["models_listed"] is False
+    assert [seen.path for seen in embedding_server.requests] == ["GET /v1/models"]
 
 
 @pytest.mark.parametrize("kind", ["ollama", "openai"])
