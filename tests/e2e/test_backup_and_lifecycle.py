@@ -756,7 +756,9 @@ def test_stop_lets_calls_in_flight_finish_and_refuses_new_ones(settings: Setting
         assert [reply.documents[0].chunk_count > 1 for reply, _ in finished[17:]] == [True, True]
         went_not_serving = health.first(NOT_SERVING)
         assert went_not_serving is not None, health.seen
-        assert went_not_serving < min(at for _, at in finished[17:]), "NOT_SERVING only after the drain"
+        # At least one document was in flight when the stop began (checked above), so the last
+        # to finish ended after it: NOT_SERVING must come before that, not after the drain.
+        assert went_not_serving < max(at for _, at in finished[17:]), "NOT_SERVING only after the drain"
         assert watch.ended.wait(TIMEOUT)
         assert watch.error is None or watch.error.code() == grpc.StatusCode.UNAVAILABLE, watch.error
         with pytest.raises(grpc.RpcError) as refused:
