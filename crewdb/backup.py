@@ -14,8 +14,8 @@ belongs to a revision the copy does not have and is left out, so the two always 
 manifest is written last and everything is fsynced (files, then the folder) before `backup`
 returns: a folder with a manifest is a whole backup, one without it is not a backup.
 
-An embedded Chroma must be opened by one process only (two corrupt it): `refuse_if_in_use`
-checks that no other process has the data paths open before a command opens them itself.
+An embedded Chroma must be opened by one process only (two corrupt it): a command that opens
+one itself first takes its folder (`VectorStore.claim`), as the server does.
 """
 
 from __future__ import annotations
@@ -35,14 +35,12 @@ from typing import Any
 from crewdb.db.backup import CopyContents, contents, online_copy
 from crewdb.errors import FailedPreconditionError
 from crewdb.services.knowledge import KnowledgeBase
-from crewdb.vectors.store import DATA_IN_USE, ExportBatch, ExportedChunk, VectorStore
+from crewdb.vectors.store import ExportBatch, ExportedChunk, VectorStore
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 DB_FILE, VECTORS_FILE, MANIFEST_FILE = "app.db", "vectors.jsonl", "manifest.json"
-# What SQLite keeps beside a database file while it is open.
-_SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")
 _RESERVED_INTS = ("_idx", "_rev", "_start", "_end")
 _RESTORE_BATCH = 500
 
@@ -166,65 +164,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def refuse_if_in_use(database: Path, vectors: Path, *, hint: str) -> None:
-    """Refuses when another process has the database or anything in the embedded Chroma's folder
-    open: a running server (one that did not answer, or listens elsewhere) or another backup.
-    Reads /proc (Linux); where there is none, only warns.
-
-    Raises:
-        FailedPreconditionError: (DATA_IN_USE) naming the process and the file, then `hint`.
-    """
-    if not Path("/proc/self/fd").is_dir():
-        log.warning(
-            "cannot check whether another process has %s or %s open (no /proc): stop the server first",
-            database,
-            vectors,
-        )
-        return
-    users = _processes_using(database, vectors)
-    if users:
-        pid, (command, path) = min(users.items())
-        raise FailedPreconditionError(
-            f"process {pid} ({command}) has {path} open, and an embedded Chroma may be opened by one "
-            f"process only: {hint}",
-            reason=DATA_IN_USE,
-        )
-
-
-def _processes_using(database: Path, vectors: Path) -> dict[int, tuple[str, str]]:
-    """Other processes with `database` (or SQLite's files beside it) or a file under the folder
-    `vectors` open: pid -> (command line, file). Processes whose files this user may not see
-    are left out."""
-    database_files = {os.path.realpath(database) + suffix for suffix in _SQLITE_COMPANIONS}
-    folder = os.path.realpath(vectors) + os.sep
-    found: dict[int, tuple[str, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            descriptors = os.listdir(f"/proc/{entry}/fd")
-        except OSError:  # gone, or another user's
-            continue
-        for descriptor in descriptors:
-            try:
-                target = os.readlink(f"/proc/{entry}/fd/{descriptor}")
-            except OSError:
-                continue
-            if target in database_files or target.startswith(folder):
-                found[int(entry)] = (_command_line(int(entry)), target)
-                break
-    return found
-
-
-def _command_line(pid: int) -> str:
-    try:
-        words = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-    except OSError:
-        return "?"
-    text = " ".join(word.decode(errors="replace") for word in words)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_manifest(source: Path) -> dict[str, Any]:

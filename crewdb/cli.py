@@ -140,9 +140,9 @@ def _parser() -> _Parser:
         description="Safe while the server runs. An embedded Chroma (no CHROMA_HOST) may be opened "
         "by one process only, as two corrupt it: when a server answers at --host/--port within "
         f"{SERVER_WAIT:g} s, the vectors come through it (give an admin's --username and "
-        "--password-stdin); otherwise backup opens VECTOR_DB_PATH itself, but only after checking "
-        "that no other process has DATABASE_PATH or VECTOR_DB_PATH open (from /proc; run it as the "
-        "server's user or root), and it stops with exit 1, naming the process, when one does. With "
+        "--password-stdin); otherwise backup opens VECTOR_DB_PATH itself, but only after taking the "
+        "lock a server holds on it (VECTOR_DB_PATH/crewdb.lock), and it stops with exit 1, naming "
+        "the process, when another has it. With "
         "CHROMA_HOST the vectors come from the Chroma server. The manifest is written last and "
         "everything is on disk (fsynced) before it reports success. Exit 0 on success, 1 on any "
         "failure, 2 for bad flags or configuration.",
@@ -157,8 +157,8 @@ def _parser() -> _Parser:
         "restore",
         help="restore a backup into empty data paths (DATABASE_PATH, VECTOR_DB_PATH or the Chroma server)",
         description="Checks the backup against its manifest and refuses data paths that are not empty. "
-        "With an embedded Chroma it stops with exit 1, naming the process, when another process has "
-        "DATABASE_PATH or VECTOR_DB_PATH open (stop the server first). Exit 0 on success, 1 on any "
+        "With an embedded Chroma it stops with exit 1, naming the process, when another process holds "
+        "VECTOR_DB_PATH (stop the server first). Exit 0 on success, 1 on any "
         "failure, 2 for bad flags or configuration.",
     )
     restore.add_argument("source", type=Path, metavar="SRC", help="a folder written by `crewdb backup`")
@@ -328,14 +328,14 @@ def _backup(settings: Settings, args: argparse.Namespace, password: str | None) 
     import grpc  # noqa: PLC0415 - only the client commands need it
     from tqdm import tqdm  # noqa: PLC0415
 
-    from crewdb.backup import backup, export_through_server, refuse_if_in_use  # noqa: PLC0415
+    from crewdb.backup import backup, export_through_server  # noqa: PLC0415
     from crewdb.client import Client  # noqa: PLC0415
     from crewdb.server import build_vector_store  # noqa: PLC0415
+    from crewdb.vectors.store import DATA_IN_USE  # noqa: PLC0415
 
     target = _target(settings, args)
-    embedded = settings.chroma_host is None
     with grpc.insecure_channel(target) as channel:
-        through_server = embedded and _reachable(channel, SERVER_WAIT)
+        through_server = settings.chroma_host is None and _reachable(channel, SERVER_WAIT)
     if through_server and (not args.username or password is None):
         log.error(
             "a server is running at %s with an embedded Chroma, which only it may open: give an "
@@ -343,20 +343,22 @@ def _backup(settings: Settings, args: argparse.Namespace, password: str | None) 
             target,
         )
         return 1
-    if embedded and not through_server:
-        # No server answered, but one too busy to answer in time, or listening elsewhere, may
-        # have Chroma open.
-        try:
-            refuse_if_in_use(
-                settings.database_path,
-                settings.vector_db_path,
-                hint="if it is the crewdb server, give the --host and --port it listens on (and an "
-                "admin's --username and --password-stdin) so that the vectors come through it, or stop it",
-            )
-        except CrewdbError as error:
-            log.error("backup refused: %s", error.message)
-            return 1
     store = None if through_server else build_vector_store(settings)
+    if store is not None:
+        # No server answered, but one too busy to answer in time, or listening elsewhere, may
+        # have Chroma open; holding the folder also keeps a server from starting on it meanwhile.
+        try:
+            store.claim()
+        except CrewdbError as error:
+            store.close()
+            hint = (
+                "; if it is the crewdb server, give the --host and --port it listens on (and an admin's "
+                "--username and --password-stdin) so that the vectors come through it"
+                if error.reason == DATA_IN_USE
+                else ""
+            )
+            log.error("backup refused: %s%s", error.message, hint)
+            return 1
     client = Client(target) if through_server else None
     try:
         with tqdm(unit=" chunks", disable=args.no_progress, file=sys.stderr) as bar:
@@ -365,7 +367,6 @@ def _backup(settings: Settings, args: argparse.Namespace, password: str | None) 
                 export = export_through_server(client)
             else:
                 assert store is not None  # noqa: S101 - one of the two is always made
-                store.claim()  # and keeps a server from starting on these files meanwhile
                 export = store.export(256)
             summary = asyncio.run(backup(settings.database_path, args.destination, export, bar.update))
     except CrewdbError as error:
@@ -406,19 +407,12 @@ async def _restore_vectors(
 
     from tqdm import tqdm  # noqa: PLC0415
 
-    from crewdb.backup import (  # noqa: PLC0415
-        place_database,
-        refuse_if_in_use,
-        refuse_unless_empty,
-        restore_vectors,
-    )
+    from crewdb.backup import place_database, refuse_unless_empty, restore_vectors  # noqa: PLC0415
     from crewdb.server import build_embedder, build_vector_store  # noqa: PLC0415
     from crewdb.services.knowledge import KnowledgeBase  # noqa: PLC0415
     from crewdb.services.pagination import PageTokens  # noqa: PLC0415
     from crewdb.vectors.chunking import Chunker  # noqa: PLC0415
 
-    if settings.chroma_host is None:
-        refuse_if_in_use(settings.database_path, settings.vector_db_path, hint="stop it first")
     # Both targets are checked before either is written: a refused restore changes nothing.
     store = build_vector_store(settings)
     made = settings.chroma_host is None and not settings.vector_db_path.exists()
