@@ -14,6 +14,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -115,15 +116,8 @@ class LocalEmbedder:
         if not texts:
             return []
         tokenizer, session = self._load()
-        try:
+        with _model_failures(f"the embedding model {self.model} failed"):
             return self._embed(tokenizer, session, texts)
-        except UnavailableError:
-            raise
-        except BaseException as error:
-            if not _model_failure(error):
-                raise
-            log.warning("the embedding model failed: %s: %s", type(error).__name__, error)
-            raise unavailable(f"the embedding model {self.model} failed: {type(error).__name__}") from error
 
     def _embed(self, tokenizer: Any, session: Any, texts: Sequence[str]) -> list[Vector]:
         import numpy as np  # noqa: PLC0415 - numpy comes with onnxruntime; loaded with the model
@@ -178,25 +172,26 @@ class LocalEmbedder:
         with self._lock:
             if self._loaded is None:
                 started = time.perf_counter()
-                try:
+                with _model_failures(f"cannot load the embedding model {self.model}"):
                     self._loaded = self._loader(self._threads)
-                except UnavailableError:
-                    raise
-                except BaseException as error:
-                    if not _model_failure(error):
-                        raise
-                    log.warning("cannot load the embedding model: %s: %s", type(error).__name__, error)
-                    raise unavailable(
-                        f"cannot load the embedding model {self.model}: {type(error).__name__}"
-                    ) from error
                 log.info("loaded embedding model %s in %.2fs", self.model, time.perf_counter() - started)
             return self._loaded
 
 
-def _model_failure(error: BaseException) -> bool:
-    """Whether `error` is the model's failure: onnxruntime and tokenizers raise untyped errors,
-    and a Rust panic in tokenizers is PyO3's PanicException, a BaseException. Interrupts are not."""
-    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
+@contextmanager
+def _model_failures(what: str) -> Iterator[None]:
+    """Turns the model's failures into UnavailableError (`what`: the error's type), the details
+    logged. onnxruntime and tokenizers raise untyped errors, and a Rust panic in tokenizers is
+    PyO3's PanicException, a BaseException; interrupts pass through."""
+    try:
+        yield
+    except UnavailableError:
+        raise
+    except BaseException as error:
+        if not (isinstance(error, Exception) or type(error).__name__ == "PanicException"):
+            raise
+        log.warning("%s: %s: %s", what, type(error).__name__, error)
+        raise unavailable(f"{what}: {type(error).__name__}") from error
 
 
 def _model_files() -> tuple[Path, Path]:
