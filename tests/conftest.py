@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import math
 import socket
+import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crewdb.client import Client
 from crewdb.config import Settings
@@ -44,17 +47,22 @@ class RunningServer:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings_in(folder: Path) -> Settings:
+    """A test server's settings: loopback on a free port, its data in `folder`, quick health checks."""
     return Settings(
         host="127.0.0.1",
         port=0,
-        database_path=tmp_path / "app.db",
-        vector_db_path=tmp_path / "vectordb",
+        database_path=folder / "app.db",
+        vector_db_path=folder / "vectordb",
         health_check_interval=0.2,
         shutdown_grace=1.0,
         jwt_secret=TEST_SECRET,
     )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return settings_in(tmp_path)
 
 
 def start_server(settings: Settings) -> tuple[RunningServer, Callable[[], None]]:
@@ -141,3 +149,23 @@ class HashEmbedder:
 
     def close(self) -> None:
         pass
+
+
+def wait_serving(
+    address: str, process: subprocess.Popen[str], service: str = "", timeout: float = 60
+) -> None:
+    """Waits until the `crewdb serve` process at `address` reports `service` SERVING; fails at
+    once, with its standard error, if the process ends first."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, f"the server at {address} never reported SERVING"
+            time.sleep(0.1)

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,7 +27,6 @@ from jose import jwt
 import crewdb.v1
 from crewdb.api.middleware import access_of
 from crewdb.client import Client
-from crewdb.config import Settings
 from crewdb.models import UserRole
 from crewdb.v1 import conversation_service_pb2 as cpb
 from crewdb.v1 import options_pb2
@@ -38,7 +36,7 @@ from crewdb.v1 import vector_service_pb2 as vpb
 from crewdb.v1.system_service_pb2_grpc import SystemServiceStub
 from crewdb.v1.user_service_pb2_grpc import UserServiceStub
 from crewdb.v1.vector_service_pb2_grpc import VectorServiceStub
-from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, sign_in, start_server
+from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, settings_in, sign_in, start_server
 from tests.rpc_errors import DETAILS_KEY, failure
 
 TIMEOUT = 10.0
@@ -163,18 +161,6 @@ ROLES = {
 class Matrix:
     server: RunningServer
     channel: grpc.Channel
-
-
-def settings_in(folder: Path) -> Settings:
-    return Settings(
-        host="127.0.0.1",
-        port=0,
-        database_path=folder / "app.db",
-        vector_db_path=folder / "vectordb",
-        health_check_interval=0.2,
-        shutdown_grace=1.0,
-        jwt_secret=TEST_SECRET,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jose import jwt
 
 from crewdb.client import Client
-from crewdb.config import Settings
 from crewdb.errors import CrewdbError
 from crewdb.models import UserRole
 from crewdb.services.throttle import ACCOUNT_FREE_FAILURES, ADDRESS_FREE_FAILURES, PAIR_FREE_FAILURES
@@ -34,7 +33,7 @@ from crewdb.v1 import user_service_pb2 as pb
 from crewdb.v1.conversation_service_pb2_grpc import ConversationServiceStub
 from crewdb.v1.system_service_pb2_grpc import SystemServiceStub
 from crewdb.v1.user_service_pb2_grpc import UserServiceStub
-from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, start_server
+from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, settings_in, start_server
 from tests.rpc_errors import DETAILS_KEY, RpcFailure, failure
 
 TIMEOUT = 5.0
@@ -228,17 +227,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
 
     Module-scoped, unlike conftest's `server`, so that the ~100 refusal cases below need one
     server and three sign-ins instead of one each."""
-    folder = tmp_path_factory.mktemp("auth-shared")
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        database_path=folder / "app.db",
-        vector_db_path=folder / "vectordb",
-        health_check_interval=0.2,
-        shutdown_grace=1.0,
-        jwt_secret=TEST_SECRET,
-    )
-    running, stop = start_server(settings)
+    running, stop = start_server(settings_in(tmp_path_factory.mktemp("auth-shared")))
     try:
         with grpc.insecure_channel(running.address) as channel:
             stub = UserServiceStub(channel)

@@ -664,12 +664,11 @@ class HealthWatch:
         self._channel.close()
 
 
-class MessageWatch:
-    """A WatchMessages stream read on a thread; records how it ended."""
+class StreamWatch:
+    """A server stream read on a thread; records how many messages came and how it ended."""
 
-    def __init__(self, client: Client, conversation_id: str) -> None:
-        request = cpb.WatchMessagesRequest(conversation_id=conversation_id)
-        self.call = client.conversations.WatchMessages(request, timeout=TIMEOUT)
+    def __init__(self, call: Any) -> None:
+        self.call = call
         self.received = 0
         self.error: grpc.RpcError | None = None
         self.ended = threading.Event()
@@ -685,24 +684,13 @@ class MessageWatch:
             self.ended.set()
 
 
-class TaskWatch:
-    """A WatchTask stream read on a thread; records what came and how it ended."""
+def message_watch(client: Client, conversation_id: str) -> StreamWatch:
+    request = cpb.WatchMessagesRequest(conversation_id=conversation_id)
+    return StreamWatch(client.conversations.WatchMessages(request, timeout=TIMEOUT))
 
-    def __init__(self, client: Client, task_id: str) -> None:
-        self.call = client.tasks.WatchTask(tpb.WatchTaskRequest(id=task_id), timeout=TIMEOUT)
-        self.received = 0
-        self.error: grpc.RpcError | None = None
-        self.ended = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
 
-    def _read(self) -> None:
-        try:
-            for _ in self.call:
-                self.received += 1
-        except grpc.RpcError as error:
-            self.error = error
-        finally:
-            self.ended.set()
+def task_watch(client: Client, task_id: str) -> StreamWatch:
+    return StreamWatch(client.tasks.WatchTask(tpb.WatchTaskRequest(id=task_id), timeout=TIMEOUT))
 
 
 def _timed(call: Callable[[int], Any], n: int) -> tuple[Any, float]:
@@ -717,7 +705,7 @@ def test_stop_lets_calls_in_flight_finish_and_refuses_new_ones(settings: Setting
     try:
         _add_documents(alice, {"warm-up": "Loads the embedding model before the test starts."})
         conversation = _conversation(alice, "busy", 0)
-        watch = MessageWatch(alice, conversation.id)
+        watch = message_watch(alice, conversation.id)
         wait_until(lambda: _registry_value(server, "crewdb_streams_open", method=WATCH_MESSAGES) == 1)
         health = HealthWatch(server.address)
         wait_until(lambda: bool(health.seen), what="a first health status")
@@ -781,9 +769,9 @@ def test_stop_with_only_streams_open_ends_each_stream_cleanly_and_returns_well_w
     pool = ThreadPoolExecutor(max_workers=1)
     try:
         conversation = _conversation(alice, "watched", 0)
-        messages = MessageWatch(alice, conversation.id)
+        messages = message_watch(alice, conversation.id)
         task = alice.tasks.CreateTask(tpb.CreateTaskRequest(type="idle", data=_struct({})), timeout=TIMEOUT)
-        tasks = TaskWatch(alice, task.id)
+        tasks = task_watch(alice, task.id)
         health = HealthWatch(server.address)
         wait_until(lambda: _registry_value(server, "crewdb_streams_open", method=WATCH_MESSAGES) == 1)
         wait_until(lambda: tasks.received == 1, what="the task's first state")
@@ -894,7 +882,7 @@ def test_metrics_endpoint_reports_calls_latency_dependencies_tasks_and_open_stre
             alice.tasks.CreateTask(
                 tpb.CreateTaskRequest(type="metrics", data=struct_pb2.Struct()), timeout=TIMEOUT
             )
-            watch = MessageWatch(alice, created.id)
+            watch = message_watch(alice, created.id)
 
             def streams_open() -> float | None:
                 return _sample(_scrape(port)[1], "crewdb_streams_open", method=WATCH_MESSAGES)

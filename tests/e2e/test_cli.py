@@ -9,16 +9,13 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crewdb.cli import main
-from tests.conftest import TEST_SECRET, free_port
+from tests.conftest import TEST_SECRET, free_port, wait_serving
 
 CommandCase = tuple[list[str], dict[str, str], int, str]
 
@@ -260,22 +257,6 @@ def test_backup_of_a_missing_database_in_a_real_process_prints_one_line_not_a_tr
 # --- backup and restore beside a running server process ------------------------------------------
 
 
-def _wait_serving(port: int, process: subprocess.Popen[str]) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                request = health_pb2.HealthCheckRequest(service="")
-                status = health_pb2_grpc.HealthStub(channel).Check(request, timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert process.poll() is None, process.communicate()[1]
-            assert time.monotonic() < deadline, "the server never reported SERVING"
-            time.sleep(0.1)
-
-
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
     """`crewdb serve` in its own process over data paths in tmp_path/data; its environment."""
@@ -288,7 +269,7 @@ def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict
         text=True,
     )
     try:
-        _wait_serving(int(env["CREWDB_PORT"]), process)
+        wait_serving(f"127.0.0.1:{env['CREWDB_PORT']}", process)
         yield process, env
     finally:
         process.terminate()

@@ -30,7 +30,6 @@ from hypothesis import strategies as st
 from crewdb.api.middleware import access_of
 from crewdb.client import Client
 from crewdb.clock import format_timestamp
-from crewdb.config import Settings
 from crewdb.models import TokenPair, UserRole
 from crewdb.services.throttle import LoginThrottle, RateLimit
 from crewdb.v1 import (
@@ -46,7 +45,14 @@ from crewdb.v1 import (
     vector_service_pb2,
     vector_service_pb2_grpc,
 )
-from tests.conftest import PASSWORD, TEST_SECRET, HashEmbedder, RunningServer, sign_in, start_server
+from tests.conftest import (
+    PASSWORD,
+    HashEmbedder,
+    RunningServer,
+    settings_in,
+    sign_in,
+    start_server,
+)
 from tests.rpc_errors import DETAILS_KEY, failure
 
 # A failing example may hold a 200 KB string; hypothesis warns before printing it, and should.
@@ -700,18 +706,8 @@ def _refuse_constant(name: str) -> object:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """One server for the module, so hypothesis examples share it; signed-in clients of each role."""
-    folder = tmp_path_factory.mktemp("hostile")
-    config = Settings(
-        host="127.0.0.1",
-        port=0,
-        database_path=folder / "app.db",
-        vector_db_path=folder / "vectordb",
-        health_check_interval=0.2,
-        shutdown_grace=1.0,
-        jwt_secret=TEST_SECRET,
-        # Below the production floor of 10: many examples sign in, and hashing is not under test.
-        bcrypt_rounds=4,
-    )
+    # Below the production floor of 10: many examples sign in, and hashing is not under test.
+    config = settings_in(tmp_path_factory.mktemp("hostile")).replace(bcrypt_rounds=4)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("crewdb.server.build_embedder", lambda _settings: HashEmbedder())
         running, stop = start_server(config)

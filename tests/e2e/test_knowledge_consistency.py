@@ -16,13 +16,12 @@ import grpc
 import pytest
 
 from crewdb.client import Client
-from crewdb.config import Settings
 from crewdb.db import documents as queries
 from crewdb.errors import UnavailableError
 from crewdb.v1 import user_service_pb2
 from crewdb.v1 import vector_service_pb2 as pb
 from crewdb.vectors.store import VectorStore
-from tests.conftest import RunningServer, sign_in, start_server
+from tests.conftest import RunningServer, settings_in, sign_in, start_server
 from tests.e2e.test_vectors import (
     HYBRID,
     KEYWORD,
@@ -39,17 +38,7 @@ from tests.rpc_errors import failure
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    folder = tmp_path_factory.mktemp("consistency")
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        database_path=folder / "app.db",
-        vector_db_path=folder / "vectordb",
-        health_check_interval=0.2,
-        shutdown_grace=1.0,
-        jwt_secret="test-secret-that-is-long-enough-for-hs256-0123456789",  # noqa: S106
-    )
-    server, stop = start_server(settings)
+    server, stop = start_server(settings_in(tmp_path_factory.mktemp("consistency")))
     try:
         yield server
     finally:
@@ -98,6 +87,11 @@ def code(error: grpc.RpcError) -> grpc.StatusCode:
     return error.code()
 
 
+async def cannot_delete(*_: Any) -> None:
+    """VectorStore.delete while Chroma refuses deletes."""
+    raise UnavailableError("Chroma is down for deletes")
+
+
 def reconcile(server: RunningServer) -> None:
     server.call(server.app.knowledge.reconcile())
 
@@ -113,9 +107,6 @@ def test_a_failed_write_leaves_no_visible_chunk_and_its_revision_is_never_reused
     # fails too, so they stay in Chroma under the revision the write would have had.
     def refuse(*_: Any) -> bool:
         raise sqlite3.OperationalError("disk I/O error")
-
-    async def cannot_delete(*_: Any) -> None:
-        raise UnavailableError("Chroma is down for deletes")
 
     with monkeypatch.context() as patch:
         patch.setattr(queries, "save_document", refuse)
@@ -147,9 +138,6 @@ def test_a_delete_stands_even_when_chroma_cannot_delete_the_chunks(
     account = sign_in(running, "delete-first")
     owner = me(account)
     add(account.vectors, doc("keep", "Tulips need cold winters to bloom."), doc("drop", "Cacti store water."))
-
-    async def cannot_delete(*_: Any) -> None:
-        raise UnavailableError("Chroma is down for deletes")
 
     drop_keys = {key for key in sqlite_chunks(running, owner) if key.startswith("drop#")}
     with monkeypatch.context() as patch:

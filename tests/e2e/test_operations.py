@@ -34,7 +34,15 @@ from crewdb.v1 import vector_service_pb2 as vector_pb
 from crewdb.v1.system_service_pb2_grpc import SystemServiceStub
 from crewdb.v1.user_service_pb2_grpc import UserServiceStub
 from crewdb.v1.vector_service_pb2_grpc import VectorServiceStub
-from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, free_port, sign_in, start_server
+from tests.conftest import (
+    PASSWORD,
+    TEST_SECRET,
+    RunningServer,
+    free_port,
+    sign_in,
+    start_server,
+    wait_serving,
+)
 from tests.e2e.test_vectors_chroma_server import ChromaServer
 from tests.rpc_errors import failure
 
@@ -764,17 +772,7 @@ def test_serve_with_json_logs_writes_only_json_lines_and_exits_cleanly_on_sigter
     )
     try:
         address = f"{HOST}:{port}"
-        with grpc.insecure_channel(address) as channel:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if _status(channel, "") == SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert process.poll() is None, process.communicate()[1]
-                assert time.monotonic() < deadline, "server never reported SERVING"
-                time.sleep(0.1)
+        wait_serving(address, process, timeout=30)
         with Client(address) as crew:
             crew.register("json@example.com", "json", PASSWORD)
         process.send_signal(signal.SIGTERM)

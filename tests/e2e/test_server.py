@@ -22,7 +22,15 @@ from crewdb.client import Client
 from crewdb.config import Settings
 from crewdb.server import jwt_secret
 from crewdb.v1 import conversation_service_pb2 as pb
-from tests.conftest import PASSWORD, TEST_SECRET, RunningServer, free_port, sign_in, start_server
+from tests.conftest import (
+    PASSWORD,
+    TEST_SECRET,
+    RunningServer,
+    free_port,
+    sign_in,
+    start_server,
+    wait_serving,
+)
 from tests.rpc_errors import failure
 
 SERVICE = "crewdb.v1.ConversationService"
@@ -172,17 +180,7 @@ def test_serve_subprocess_serves_then_exits_cleanly_on_sigterm(tmp_path: Path) -
         text=True,
     )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if _health(channel, "") == SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert process.poll() is None, process.communicate()[1]
-                assert time.monotonic() < deadline, "server never reported SERVING"
-                time.sleep(0.1)
+        wait_serving(f"127.0.0.1:{port}", process, timeout=30)
         with Client(f"127.0.0.1:{port}") as client:
             client.register("smoke@example.com", "smoke", PASSWORD)
             client.login("smoke", PASSWORD)
@@ -341,17 +339,7 @@ def test_a_second_server_on_the_same_embedded_chroma_refuses_to_start(tmp_path: 
         text=True,
     )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{first_port}") as channel:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if _health(channel, "liveness") == SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert first.poll() is None, first.communicate()[1]
-                assert time.monotonic() < deadline, "the first server never came up"
-                time.sleep(0.1)
+        wait_serving(f"127.0.0.1:{first_port}", first, "liveness", timeout=30)
         second = subprocess.run(
             [sys.executable, "-m", "crewdb", "serve", "--port", str(free_port())],
             env=env,

@@ -18,7 +18,6 @@ from google.protobuf import json_format, struct_pb2
 
 from crewdb.client import Client
 from crewdb.clock import Clock
-from crewdb.config import Settings
 from crewdb.errors import CrewdbError, FailedPreconditionError
 from crewdb.models import NewDocument, Principal, SearchMode, UserRole
 from crewdb.server import page_token_key
@@ -28,7 +27,7 @@ from crewdb.v1 import user_service_pb2
 from crewdb.v1 import vector_service_pb2 as pb
 from crewdb.v1.vector_service_pb2_grpc import VectorServiceStub
 from crewdb.vectors.chunking import Chunker
-from tests.conftest import TEST_SECRET, RunningServer, sign_in, start_server
+from tests.conftest import TEST_SECRET, RunningServer, settings_in, sign_in, start_server
 from tests.e2e.test_auth import assert_fails
 from tests.rpc_errors import RpcFailure
 
@@ -202,17 +201,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """One server for the module (the embedding model loads once); alice's corpus is read-only."""
-    folder = tmp_path_factory.mktemp("vectors")
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        database_path=folder / "app.db",
-        vector_db_path=folder / "vectordb",
-        health_check_interval=0.2,
-        shutdown_grace=1.0,
-        jwt_secret=TEST_SECRET,
-    )
-    running, stop = start_server(settings)
+    running, stop = start_server(settings_in(tmp_path_factory.mktemp("vectors")))
     shared = World(running)
     try:
         alice = shared.account("alice")
