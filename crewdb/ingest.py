@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from crewdb.client import Client
 from crewdb.v1 import vector_service_pb2 as pb
+from crewdb.vectors.filters import has_control_characters
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _found(path: Path, document_id: str) -> Found:
     except UnicodeEncodeError:
         problem = "its name is not valid UTF-8"
     else:
-        if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in document_id):
+        if has_control_characters(document_id):
             problem = "its name has control characters"
         elif len(document_id) > MAX_ID:
             problem = f"its document id {document_id[:40]!r}... is longer than {MAX_ID} characters"

@@ -341,7 +341,7 @@ class VectorStore:
                 )
             ]
             return ExportBatch(
-                owner=name[len(self.collection) + 1 :],
+                owner=self._owner_of(name) or "",
                 collection=name,
                 model=str(metadata.get(_MODEL_KEY, "")),
                 dimension=int(metadata.get(_DIMENSION_KEY, 0)),
