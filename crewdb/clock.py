@@ -9,11 +9,17 @@ from datetime import UTC, datetime, timedelta
 # time order in the database and keyset pagination can compare timestamps as strings.
 # isoformat rather than strftime: strftime's %Y does not pad years before 1000 on Linux.
 _ONE_MICROSECOND = timedelta(microseconds=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def format_timestamp(moment: datetime) -> str:
     """The stored form of a moment: `2026-12-03T16:43:09.123456Z` (`0999-...` for the year 999)."""
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def microseconds(moment: datetime) -> int:
+    """The moment as whole microseconds since 1970 (UTC)."""
+    return (moment - _EPOCH) // _ONE_MICROSECOND
 
 
 def parse_timestamp(text: str) -> datetime:

@@ -21,10 +21,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from crewdb.clock import Clock
+from crewdb.clock import Clock, microseconds
 from crewdb.db import documents as queries
 from crewdb.db.engine import Database
 from crewdb.errors import FieldViolation, NotFoundError, UnavailableError
@@ -67,8 +66,6 @@ MAX_QUERY = 2000
 DEFAULT_TOP_K = 10
 MAX_TOP_K = 100
 RRF_K = 60
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_MICROSECOND = timedelta(microseconds=1)
 # Texts embedded per trip to a thread (see `_embed`); a few seconds of work at most.
 EMBED_SLICE = 64
 # Chunks Chroma returns beyond top_k, for those of a revision a failed write left behind.
@@ -168,7 +165,7 @@ class KnowledgeBase:
                 text=doc.text,
                 chunk_count=len(chunks),
                 char_count=len(doc.text),
-                revision=max(old.revision + 1 if old else 1, _microseconds(now)),
+                revision=max(old.revision + 1 if old else 1, microseconds(now)),
                 embedding_model=model,
                 created_at=now,
                 updated_at=now,
@@ -280,9 +277,7 @@ class KnowledgeBase:
             async with self._owner_lock(owner):
                 stored = await self._store.chunk_labels(owner)
                 current = await self._db.read(lambda conn: queries.all_versions(conn, owner))  # noqa: B023
-                live = {
-                    _chunk_key(doc, i, v.revision) for doc, v in current.items() for i in range(v.chunk_count)
-                }
+                live = set(_keys(current))
                 stale = [key for key, _, _ in stored if key not in live]
                 counts = Counter(doc for key, doc, _ in stored if key in live)
                 incomplete = [doc for doc, version in current.items() if counts[doc] != version.chunk_count]
@@ -522,10 +517,6 @@ def _chunk_metadata(document: Document, chunk: Chunk) -> dict[str, Scalar]:
         "_end": chunk.end,
     }
     return {**stored_metadata(document.metadata), **reserved}
-
-
-def _microseconds(moment: datetime) -> int:
-    return (moment - _EPOCH) // _ONE_MICROSECOND
 
 
 def _keys(versions: dict[str, queries.Version]) -> list[str]:
